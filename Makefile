@@ -1,0 +1,42 @@
+# The two commands: `make run` (embedded mode, nothing to install but Python
+# packages) and `make test` (everything: unit, Postgres + Redis, browser).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+PORT ?= 8000
+# The test suite's scaled-mode services (the machine's real Postgres and Redis).
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tim3
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+
+.PHONY: run test setup services browser lint test-sqlite test-postgres
+
+run: setup
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py bootstrap
+	$(PY) manage.py serve --port $(PORT)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+services:
+	bash scripts/ensure-services.sh
+
+browser:
+	bash scripts/ensure-chromium.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Unit tests once more on SQLite (embedded mode's database): exact integers there too.
+test-sqlite: setup
+	env -u DATABASE_URL -u REDIS_URL TIM3_VAR_DIR=$(CURDIR)/var/test-sqlite $(VENV)/bin/pytest -m "not scaled and not browser and not embedded" -q
+
+test-postgres: setup services browser
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q
+
+test: lint test-sqlite test-postgres

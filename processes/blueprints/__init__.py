@@ -1,0 +1,1 @@
+"""Process blueprints. Importing this package registers every blueprint."""

@@ -1,0 +1,56 @@
+"""What a handler sees besides its message: its process and a way to send.
+
+Outgoing messages are buffered here and written only if the handler returns,
+so a handler that raises sends nothing (AO rule).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from processes.runtime.tags import encode_data, normalize_tags
+
+
+@dataclass
+class Outgoing:
+    target: str
+    tags: list[list[str]]
+    data: str
+    x_reference: str = ""
+
+
+@dataclass
+class Context:
+    process: Any  # runtime.models.Process
+    msg: Any  # runtime.models.Message being handled
+    outbox: list[Outgoing] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)
+
+    @property
+    def now(self) -> int:
+        """Handler time: the message's timestamp (ms), never the wall clock."""
+        return self.msg.timestamp
+
+    @property
+    def id(self) -> str:
+        return self.process.id
+
+    def send(self, *, target: str, tags: Any, data: Any = "") -> Outgoing:
+        out = Outgoing(target=target, tags=normalize_tags(tags), data=encode_data(data))
+        self.outbox.append(out)
+        return out
+
+    def forwarded_x_tags(self) -> dict[str, str]:
+        """The incoming `X-*` tags, which replies and notices carry along (AO token rule)."""
+        return {name: value for name, value in self.msg.tags if name.startswith("X-")}
+
+    def reply(self, tags: Any, data: Any = "") -> Outgoing:
+        """Answer the sender: `X-Reference` = its Reference, its `X-*` tags carried back."""
+        merged = self.forwarded_x_tags()
+        merged.update({name: value for name, value in normalize_tags(tags)})
+        out = self.send(target=self.msg.sender, tags=merged, data=data)
+        out.x_reference = str(self.msg.reference)
+        return out
+
+    def note(self, **change: Any) -> None:
+        """Record a state change for the explorer's timeline (not part of state)."""
+        self.changes.append({k: (v if isinstance(v, (int, str, bool)) or v is None else str(v)) for k, v in change.items()})

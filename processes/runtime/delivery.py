@@ -1,0 +1,295 @@
+"""Delivery: the database is the mailbox, the doorbell only says "look".
+
+- `send_message` inserts a pending row (a cascade's first message).
+- `drain_mailbox` applies one process's pending messages in arrival order,
+  one savepoint each, assigns gap-free slots, writes the outgoing messages in
+  the same transaction, and after commit rings the targets' doorbells.
+- A doorbell with nothing pending does nothing, so duplicate or late doorbells
+  are harmless; `sweep_mailboxes` re-rings forgotten ones.
+"""
+
+import logging
+from functools import partial
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from processes.runtime.context import Context, Outgoing
+from processes.runtime.handlers import HandlerError
+from processes.runtime.ids import derive_id, is_id, new_id, now_ms
+from processes.runtime.models import Message, Process, Wallet
+from processes.runtime.registry import get_blueprint
+from processes.runtime.signals import messages_settled
+from processes.runtime.tags import TagError, encode_data, normalize_tags, validate_data, validate_tags
+
+log = logging.getLogger(__name__)
+
+
+# --- doorbell -------------------------------------------------------------------
+
+def ring_doorbells(process_ids) -> None:
+    """Wake the drainers of these processes (called after commit)."""
+    process_ids = sorted(set(process_ids))
+    if not process_ids or settings.TIM3_DOORBELL == "none":
+        return
+    from processes.tasks import drain  # the Celery task; imported late to keep the engine free of it
+
+    for process_id in process_ids:
+        try:
+            drain.delay(process_id)
+        except Exception:  # the sweeper will ring again; the message is safe in the database
+            log.exception("could not ring doorbell for %s", process_id)
+
+
+def _after_commit(settled: list[Message], wake: set[str]) -> None:
+    ring_doorbells(wake)
+    if settled:
+        messages_settled.send(sender=Message, messages=settled)
+
+
+# --- sending --------------------------------------------------------------------
+
+def lock_process(process_id: str) -> Process:
+    qs = Process.objects
+    if connection.features.has_select_for_update:
+        # no_key: messages referencing the row do not wait on us.
+        qs = qs.select_for_update(no_key=connection.features.has_select_for_no_key_update)
+    return qs.get(pk=process_id)
+
+
+def _next_wallet_reference(address: str) -> int:
+    wallet, _ = Wallet.objects.get_or_create(address=address)
+    if connection.features.has_select_for_update:
+        wallet = Wallet.objects.select_for_update().get(pk=address)
+    reference = wallet.next_reference
+    Wallet.objects.filter(pk=address).update(next_reference=reference + 1)
+    return reference
+
+
+def send_message(*, sender: str, target: str, tags, data="", validate: bool = True) -> Message:
+    """Start a cascade: a message from a wallet (user, operator, scheduler) to a process.
+
+    Validates what a wallet may send and raises TagError / LookupError with a
+    clear sentence; on success the message is pending and its doorbell rings
+    after commit.
+    """
+    tag_list = normalize_tags(tags)
+    data = encode_data(data)
+    if validate:
+        validate_tags(tag_list)
+        validate_data(data)
+        if not is_id(sender):
+            raise TagError("From must be a 43-character wallet address.")
+    with transaction.atomic():
+        if not Process.objects.filter(pk=target).exists():
+            raise LookupError(f"No process with id {target[:50]!r}.")
+        if Process.objects.filter(pk=sender).exists():
+            raise TagError("A wallet message cannot claim to come from a process.")
+        msg_id = new_id()
+        msg = Message.objects.create(
+            msg_id=msg_id,
+            sender=sender,
+            target=target,
+            action=dict(tag_list).get("Action", ""),
+            tags=tag_list,
+            data=data,
+            timestamp=now_ms(),
+            reference=_next_wallet_reference(sender),
+            pushed_for=msg_id,  # a cascade's first message is its own root
+        )
+        transaction.on_commit(partial(ring_doorbells, [target]))
+    return msg
+
+
+def spawn_process(*, name: str, kind: str, owner: str, tags=None, version: int = 1, active: bool = True) -> Process:
+    """Create a process and send it its `Spawn` message (slot 1), from its owner.
+
+    The Spawn message carries the initial configuration, so the process's
+    whole state can be rebuilt from its message log.
+    """
+    get_blueprint(kind)  # fail early on an unknown kind
+    with transaction.atomic():
+        process = Process.objects.create(
+            id=derive_id("process", name, version, new_id()), name=name, kind=kind, owner=owner,
+            version=version, active=active,
+        )
+        send_message(sender=owner, target=process.id, tags={"Action": "Spawn", "Name": name, **dict(normalize_tags(tags))})
+    return process
+
+
+# --- applying -------------------------------------------------------------------
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, (HandlerError, ValueError, LookupError)) and str(exc):
+        return str(exc)
+    return f"Internal error: {type(exc).__name__}: {exc}"
+
+
+def _error_reply(msg: Message, error: str) -> list[Outgoing]:
+    """`<Action>-Error` to the sender, so no flow waits forever (SPEC §1).
+
+    Never for a message that is itself an error reply: two failing processes
+    must not bounce errors forever.
+    """
+    if msg.action.endswith("-Error"):
+        return []
+    ctx = Context(process=None, msg=msg)
+    ctx.reply({"Action": f"{msg.action or 'Message'}-Error", "Error": error, "Message-Id": msg.msg_id})
+    return ctx.outbox
+
+
+def run_handler(*, process: Process, msg: Message, blueprint) -> tuple[str, str, bool, Context]:
+    """Run the matching handler inside a savepoint: (status, error, handled, ctx).
+
+    A handler that raises leaves no trace but the error (its savepoint is rolled
+    back and its outbox discarded). Shared by delivery and replay.
+    """
+    ctx = Context(process=process, msg=msg)
+    handler = blueprint.handlers.match(msg)
+    if handler is None:
+        return Message.APPLIED, "", False, ctx  # lands in the inbox
+    try:
+        with transaction.atomic():
+            handler.handle(msg, ctx)
+    except Exception as exc:  # noqa: BLE001 - any handler failure is the message's failure
+        error = _describe(exc)
+        if not isinstance(exc, (HandlerError, ValueError, LookupError)):
+            log.warning("handler %s of %s failed on %s", handler.name, process.name, msg.msg_id, exc_info=True)
+        failed = Context(process=process, msg=msg)
+        failed.outbox = _error_reply(msg, error)
+        return Message.FAILED, error, True, failed
+    return Message.APPLIED, "", True, ctx
+
+
+def outgoing_rows(*, process: Process, msg: Message, outbox: list[Outgoing], now: int) -> list[Message]:
+    """Message rows for what a handler sent; ids derive from the parent's id."""
+    rows = []
+    for index, out in enumerate(outbox, start=1):
+        reference = process.next_reference
+        process.next_reference += 1
+        rows.append(
+            Message(
+                msg_id=derive_id(msg.msg_id, index),
+                sender=process.id,
+                target=out.target,
+                action=dict(out.tags).get("Action", ""),
+                tags=out.tags,
+                data=out.data,
+                timestamp=now,
+                reference=reference,
+                x_reference=out.x_reference,
+                pushed_for=msg.pushed_for,
+                parent_id=msg.msg_id,
+            )
+        )
+    return rows
+
+
+def _deliver_to_wallets(rows: list[Message], now: int) -> None:
+    """A wallet has no handlers: a message to it is delivered as it is written."""
+    targets = {row.target for row in rows}
+    process_ids = set(Process.objects.filter(pk__in=targets).values_list("id", flat=True)) if targets else set()
+    for row in rows:
+        if row.target not in process_ids:
+            row.status = Message.APPLIED
+            row.applied_at = now
+
+
+def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
+    """Apply the process's pending messages in arrival order; return how many.
+
+    Everything happens in one transaction under the process row lock: slots,
+    state changes, statuses and outgoing messages commit together or not at all.
+    """
+    batch_size = batch_size or settings.TIM3_DRAIN_BATCH
+    with transaction.atomic():
+        try:
+            process = lock_process(process_id)
+        except Process.DoesNotExist:
+            return 0
+        pending = list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
+        if not pending:
+            return 0
+        blueprint = get_blueprint(process.kind)
+        outgoing: list[Message] = []
+        for msg in pending:
+            now = now_ms()
+            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint)
+            children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
+            msg.slot = process.next_slot
+            process.next_slot += 1
+            msg.status, msg.error, msg.handled, msg.applied_at = status, error, handled, now
+            msg.result = {"messages": [c.msg_id for c in children], "changes": ctx.changes}
+            outgoing.extend(children)
+        _deliver_to_wallets(outgoing, now_ms())
+        Message.objects.bulk_update(pending, ["slot", "status", "error", "handled", "applied_at", "result"])
+        Message.objects.bulk_create(outgoing)
+        process.save(update_fields=["next_slot", "next_reference"])
+
+        wake = {row.target for row in outgoing if row.status == Message.PENDING}
+        if len(pending) == batch_size:
+            wake.add(process.id)  # more may be waiting
+        settled = pending + [row for row in outgoing if row.status != Message.PENDING]
+        transaction.on_commit(partial(_after_commit, settled, wake))
+    return len(pending)
+
+
+def record_drain_failure(*, process_id: str, error: str) -> Message | None:
+    """Count a failed drain against the head message; dead-letter it after N.
+
+    Called when draining raised outside any handler (a bug or a poisoned
+    message). A dead message gets its slot, status `failed`, `dead=True`, and
+    its sender an `<Action>-Error`, so the queue behind it moves on.
+    """
+    with transaction.atomic():
+        process = lock_process(process_id)
+        head = Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq").first()
+        if head is None:
+            return None
+        head.attempts += 1
+        if head.attempts < settings.TIM3_MAX_ATTEMPTS:
+            head.save(update_fields=["attempts"])
+            return head
+        now = now_ms()
+        text = f"Dead-lettered after {head.attempts} failed attempts: {error}"[:2000]
+        children = outgoing_rows(process=process, msg=head, outbox=_error_reply(head, text), now=now)
+        _deliver_to_wallets(children, now)
+        head.slot, process.next_slot = process.next_slot, process.next_slot + 1
+        head.status, head.error, head.dead, head.applied_at = Message.FAILED, text, True, now
+        head.result = {"messages": [c.msg_id for c in children], "changes": []}
+        head.save()
+        Message.objects.bulk_create(children)
+        process.save(update_fields=["next_slot", "next_reference"])
+        wake = {c.target for c in children if c.status == Message.PENDING} | {process.id}
+        transaction.on_commit(partial(_after_commit, [head, *[c for c in children if c.status != Message.PENDING]], wake))
+        return head
+
+
+def processes_with_pending(*, older_than_ms: int = 0) -> list[str]:
+    qs = Message.objects.filter(status=Message.PENDING)
+    if older_than_ms:
+        qs = qs.filter(timestamp__lt=now_ms() - older_than_ms)
+    return sorted(set(qs.values_list("target", flat=True)))
+
+
+def sweep_mailboxes(*, older_than_ms: int | None = None) -> list[str]:
+    """Re-ring doorbells for messages pending longer than a doorbell should take."""
+    older = settings.TIM3_SWEEP_AFTER_MS if older_than_ms is None else older_than_ms
+    targets = processes_with_pending(older_than_ms=older)
+    ring_doorbells(targets)
+    return targets
+
+
+def run_until_idle(*, max_rounds: int = 10_000) -> int:
+    """Drain every mailbox in this thread until nothing is pending; return messages applied.
+
+    The same drain the workers run, driven directly: for tests and the console.
+    """
+    total = 0
+    for _ in range(max_rounds):
+        targets = processes_with_pending()
+        if not targets:
+            return total
+        for process_id in targets:
+            total += drain_mailbox(process_id=process_id)
+    raise RuntimeError("messages still pending after max_rounds drains")

@@ -1,0 +1,33 @@
+"""Celery tasks: thin doorbells around the engine's delivery functions."""
+
+import logging
+
+from celery import shared_task
+from django.db import DatabaseError, close_old_connections
+
+from processes.runtime.delivery import drain_mailbox, record_drain_failure, sweep_mailboxes
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
+def drain(self, process_id: str, isolate: bool = False) -> int:
+    """Apply `process_id`'s pending messages. Duplicate and late calls are no-ops."""
+    close_old_connections()
+    try:
+        return drain_mailbox(process_id=process_id, batch_size=1 if isolate else None)
+    except DatabaseError as exc:  # transient: the transaction rolled back, nothing applied
+        close_old_connections()
+        raise self.retry(exc=exc, countdown=min(0.1 * 2 ** self.request.retries, 5)) from exc
+    except Exception as exc:
+        log.exception("draining %s failed", process_id)
+        record_drain_failure(process_id=process_id, error=f"{type(exc).__name__}: {exc}")
+        # Retry one message at a time, so a poisoned message is found and dead-lettered.
+        raise self.retry(exc=exc, countdown=min(0.1 * 2 ** self.request.retries, 5), kwargs={"isolate": True}) from exc
+
+
+@shared_task(acks_late=True)
+def sweep() -> int:
+    """Ring again for messages pending too long (a lost doorbell, a dead worker)."""
+    close_old_connections()
+    return len(sweep_mailboxes())

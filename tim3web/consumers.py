@@ -1,0 +1,27 @@
+"""WebSocket /ws/flows/: every hop, as it is applied (CONTRACT)."""
+
+import asyncio
+import json
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from tim3web.events import ALL_HOPS, flow_group, remember_server_loop
+
+
+class FlowConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        remember_server_loop(asyncio.get_running_loop())
+        flow = self.scope["url_route"]["kwargs"].get("flow_id")
+        self.group = flow_group(flow) if flow else ALL_HOPS
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        # The stream is one-way; say so instead of silently dropping input.
+        await self.send(json.dumps({"type": "error", "error": "This socket only streams events."}))
+
+    async def tim3_event(self, message):
+        await self.send(json.dumps(message["event"]))

@@ -1,0 +1,72 @@
+"""Hop events: settled messages go to the channel layer after commit.
+
+Best effort: the database is how a client catches up (CONTRACT websocket).
+In embedded mode the in-memory layer lives in Daphne's event loop, so events
+from worker threads are handed to that loop thread-safely.
+"""
+
+import asyncio
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from tim3web.serializers import message_to_dict
+
+log = logging.getLogger(__name__)
+ALL_HOPS = "hops"
+_server_loop: asyncio.AbstractEventLoop | None = None
+
+
+def flow_group(flow_id: str) -> str:
+    return f"flow.{flow_id}"
+
+
+def remember_server_loop(loop: asyncio.AbstractEventLoop) -> None:
+    global _server_loop
+    _server_loop = loop
+
+
+def hop_events(messages) -> list[tuple[str, dict]]:
+    events = []
+    for msg in messages:
+        event = {"type": "hop", "flow": msg.pushed_for, "message": message_to_dict(msg)}
+        events.append((ALL_HOPS, event))
+        events.append((flow_group(msg.pushed_for), event))
+    return events
+
+
+async def _send_all(layer, events) -> None:
+    for group, event in events:
+        await layer.group_send(group, {"type": "tim3.event", "event": event})
+
+
+def publish(events: list[tuple[str, dict]]) -> None:
+    layer = get_channel_layer()
+    if layer is None or not events:
+        return
+    try:
+        if settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer"):
+            loop = _server_loop
+            if loop is None or loop.is_closed():
+                return  # no server in this process: nobody can be watching
+            if _running_loop() is loop:
+                loop.create_task(_send_all(layer, events))
+            else:
+                asyncio.run_coroutine_threadsafe(_send_all(layer, events), loop)
+        else:
+            async_to_sync(_send_all)(layer, events)
+    except Exception:  # never let a watcher problem touch delivery
+        log.exception("could not publish hop events")
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def publish_hops(sender, messages, **kwargs) -> None:
+    publish(hop_events(messages))
