@@ -1,20 +1,37 @@
-"""Periodic jobs (AO Cron style). Celery beat runs them in scaled mode;
-the embedded scheduler thread runs `run_due_jobs` in embedded mode."""
+"""Periodic jobs (AO Cron style). Celery beat runs them in scaled mode
+(settings.CELERY_BEAT_SCHEDULE); the embedded scheduler thread runs
+`run_due_jobs` in embedded mode."""
 
 from collections.abc import Callable
 
-# name -> (interval seconds, function); filled in by the blueprints that need cron.
-JOBS: dict[str, tuple[float, Callable[[], object]]] = {}
+from django.conf import settings
+
+
+def _cleanup() -> object:
+    from processes.services import send_cleanup_expired
+
+    return send_cleanup_expired()
+
+
+def _risk() -> object:
+    from processes.services import send_check_risk_alerts
+
+    return send_check_risk_alerts()
+
+
+def jobs() -> dict[str, tuple[float, Callable[[], object]]]:
+    return {
+        "cleanup-expired": (settings.TIM3_CLEANUP_SECONDS, _cleanup),
+        "check-risk-alerts": (settings.TIM3_RISK_CHECK_SECONDS, _risk),
+    }
+
+
 _last_run: dict[str, float] = {}
-
-
-def register_job(name: str, every: float, fn: Callable[[], object]) -> None:
-    JOBS[name] = (every, fn)
 
 
 def run_due_jobs(*, now: float) -> list[str]:
     ran = []
-    for name, (every, fn) in JOBS.items():
+    for name, (every, fn) in jobs().items():
         if now - _last_run.get(name, float("-inf")) >= every:
             _last_run[name] = now
             fn()

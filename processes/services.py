@@ -44,23 +44,106 @@ def _configure_once(*, owner: str, process: Process, tags: dict) -> None:
         send_message(sender=owner, target=process.id, tags=tags)
 
 
+def _wire_coordinator(*, owner: str, coordinator: Process, procs: dict[str, Process], scheduler: str) -> None:
+    """Point a coordinator at the other processes and grant it minting, locking and position rights."""
+    for kind in ("usda", "tim3", "lock-manager", "state-manager"):
+        _configure_once(owner=owner, process=coordinator, tags={
+            "Action": "SetProcessConfig", "Process-Type": kind, "Process-Id": procs[kind].id})
+    _configure_once(owner=owner, process=coordinator, tags={
+        "Action": "SetProcessConfig", "Process-Type": "scheduler", "Process-Id": scheduler})
+    _configure_once(owner=owner, process=procs["tim3"], tags={"Action": "AddMinter", "Minter": coordinator.id})
+    for name in ("lock-manager", "state-manager"):
+        _configure_once(owner=owner, process=procs[name], tags={
+            "Action": "SetProcessConfig", "Process-Type": "coordinator", "Process-Id": coordinator.id})
+
+
 def bootstrap_system(*, environment: str | None = None) -> dict[str, Process]:
-    """Create and wire the processes; safe to run again (idempotent)."""
+    """Create and wire the five processes; safe to run again (idempotent)."""
     environment = environment or settings.TIM3_ENV
+    usda_policy = "faucet" if environment == "test" else "owner"
     with transaction.atomic():
         owner = operator_address()
-        ensure_wallet(label=SCHEDULER)
-        usda = _ensure_process(name="usda", kind="token", owner=owner, tags={
-            "Token-Name": "USD Alpha", "Ticker": "USDA", "Mint-Policy": "faucet" if environment == "test" else "owner",
-            "Faucet-Per-Request": 1_000 * UNIT, "Faucet-Per-Window": 10_000 * UNIT,
-        })
-        tim3 = _ensure_process(name="tim3", kind="token", owner=owner, tags={
-            "Token-Name": "TIM3", "Ticker": "TIM3", "Mint-Policy": "minters",
-        })
-        _configure_once(owner=owner, process=usda, tags={
-            "Action": "SetMintPolicy", "Mint-Policy": "faucet" if environment == "test" else "owner"})
+        scheduler = ensure_wallet(label=SCHEDULER).address
+        procs = {
+            "usda": _ensure_process(name="usda", kind="token", owner=owner, tags={
+                "Token-Name": "USD Alpha", "Ticker": "USDA", "Mint-Policy": usda_policy,
+                "Faucet-Per-Request": 1_000 * UNIT, "Faucet-Per-Window": 10_000 * UNIT}),
+            "tim3": _ensure_process(name="tim3", kind="token", owner=owner, tags={
+                "Token-Name": "TIM3", "Ticker": "TIM3", "Mint-Policy": "minters"}),
+            "lock-manager": _ensure_process(name="lock-manager", kind="lock-manager", owner=owner, tags={}),
+            "state-manager": _ensure_process(name="state-manager", kind="state-manager", owner=owner, tags={}),
+            "coordinator": _ensure_process(name="coordinator", kind="coordinator", owner=owner, tags={}),
+        }
+        _configure_once(owner=owner, process=procs["usda"], tags={"Action": "SetMintPolicy", "Mint-Policy": usda_policy})
+        _configure_once(owner=owner, process=procs["usda"], tags={"Action": "SetLocker", "Locker": procs["lock-manager"].id})
+        _configure_once(owner=owner, process=procs["lock-manager"], tags={
+            "Action": "SetProcessConfig", "Process-Type": "usda", "Process-Id": procs["usda"].id})
+        for coordinator in Process.objects.filter(kind="coordinator"):
+            _wire_coordinator(owner=owner, coordinator=coordinator, procs=procs, scheduler=scheduler)
     run_until_idle()
-    return {"usda": usda, "tim3": tim3}
+    return procs
+
+
+def system_processes() -> dict[str, Process]:
+    return {p.name: p for p in Process.objects.filter(name__in=["usda", "tim3", "lock-manager", "state-manager"])}
+
+
+def coordinators() -> list[Process]:
+    return list(Process.objects.filter(kind="coordinator").order_by("version"))
+
+
+def active_coordinator() -> Process:
+    """The coordinator the web sends new requests to."""
+    process = Process.objects.filter(kind="coordinator", active=True).order_by("-version").first()
+    if process is None:
+        raise LookupError("No active coordinator. Run `manage.py bootstrap`.")
+    return process
+
+
+def spawn_coordinator() -> Process:
+    """A new coordinator version beside the old ones, wired but not yet active."""
+    with transaction.atomic():
+        owner = operator_address()
+        version = (Process.objects.filter(kind="coordinator").order_by("-version").values_list("version", flat=True)
+                   .first() or 0) + 1
+        coordinator = spawn_process(name=f"coordinator-v{version}", kind="coordinator", owner=owner,
+                                    version=version, active=False)
+        _wire_coordinator(owner=owner, coordinator=coordinator, procs=system_processes(),
+                          scheduler=ensure_wallet(label=SCHEDULER).address)
+    run_until_idle()
+    return coordinator
+
+
+def activate_coordinator(*, process: Process) -> Process:
+    """Make `process` the one the web uses; the others keep answering (and redeeming)."""
+    if process.kind != "coordinator":
+        raise ValueError(f"{process.name} is not a coordinator.")
+    with transaction.atomic():
+        Process.objects.filter(kind="coordinator").exclude(pk=process.pk).update(active=False)
+        Process.objects.filter(pk=process.pk).update(active=True)
+    process.refresh_from_db()
+    return process
+
+
+def rollback_coordinator() -> Process:
+    """Activate the version before the active one."""
+    current = active_coordinator()
+    previous = Process.objects.filter(kind="coordinator", version__lt=current.version).order_by("-version").first()
+    if previous is None:
+        raise LookupError("There is no earlier coordinator version to roll back to.")
+    return activate_coordinator(process=previous)
+
+
+def send_cleanup_expired() -> list[Message]:
+    """The Cron tick: ask every coordinator to look at expired operations."""
+    scheduler = ensure_wallet(label=SCHEDULER).address
+    return [send_message(sender=scheduler, target=p.id, tags={"Action": "CleanupExpired"}) for p in coordinators()]
+
+
+def send_check_risk_alerts() -> list[Message]:
+    scheduler = ensure_wallet(label=SCHEDULER).address
+    return [send_message(sender=scheduler, target=p.id, tags={"Action": "CheckRiskAlerts"})
+            for p in Process.objects.filter(kind="state-manager")]
 
 
 def send_from_operator(*, process: Process, action: str, tags: dict, data: str = "") -> Message:

@@ -31,3 +31,20 @@ def sweep() -> int:
     """Ring again for messages pending too long (a lost doorbell, a dead worker)."""
     close_old_connections()
     return len(sweep_mailboxes())
+
+
+@shared_task(acks_late=True)
+def cleanup_expired() -> int:
+    """AO-Cron tick: coordinators look at operations pending past PendingTimeout."""
+    from processes.services import send_cleanup_expired
+
+    close_old_connections()
+    return len(send_cleanup_expired())
+
+
+@shared_task(acks_late=True)
+def check_risk_alerts() -> int:
+    from processes.services import send_check_risk_alerts
+
+    close_old_connections()
+    return len(send_check_risk_alerts())

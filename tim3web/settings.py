@@ -113,8 +113,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.01} if not REDIS_URL else {"visibility_timeout": 60}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+TIM3_CLEANUP_SECONDS = float(os.environ.get("TIM3_CLEANUP_SECONDS", "30"))
+TIM3_RISK_CHECK_SECONDS = float(os.environ.get("TIM3_RISK_CHECK_SECONDS", "60"))
 CELERY_BEAT_SCHEDULE = {
     "sweep-mailboxes": {"task": "processes.tasks.sweep", "schedule": float(os.environ.get("TIM3_SWEEP_SECONDS", "2"))},
+    "cleanup-expired": {"task": "processes.tasks.cleanup_expired", "schedule": TIM3_CLEANUP_SECONDS},
+    "check-risk-alerts": {"task": "processes.tasks.check_risk_alerts", "schedule": TIM3_RISK_CHECK_SECONDS},
 }
 
 # --- channels: hop events -----------------------------------------------------

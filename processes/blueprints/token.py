@@ -9,6 +9,7 @@ exact ints; a handler that raises changes nothing and its sender gets
 from django.db.models import F, Sum
 
 from processes.blueprints.state import FaucetGrant, TokenAccount, TokenMinter, TokenOperation, TokenState
+from processes.runtime.builtins import message_status
 from processes.runtime.handlers import HandlerError, Handlers
 from processes.runtime.ids import is_id
 from processes.runtime.models import Message
@@ -336,6 +337,8 @@ def unlock(msg, ctx):
     ctx.note(account=user, locked=f"-{quantity}", ticker=token.ticker)
     ctx.reply({"Action": "Unlock-Response", "User": user, "Quantity": quantity, "Locked": row.locked - quantity})
 
+
+handlers.add("Message-Status", handle=message_status)
 
 blueprint = register_blueprint(Blueprint(
     kind="token", handlers=handlers,

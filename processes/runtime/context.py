@@ -7,6 +7,7 @@ so a handler that raises sends nothing (AO rule).
 from dataclasses import dataclass, field
 from typing import Any
 
+from processes.runtime.ids import derive_id
 from processes.runtime.tags import encode_data, normalize_tags
 
 
@@ -16,6 +17,7 @@ class Outgoing:
     tags: list[list[str]]
     data: str
     x_reference: str = ""
+    msg_id: str = ""  # known before it is written: ids derive from the parent's id
 
 
 @dataclass
@@ -24,6 +26,9 @@ class Context:
     msg: Any  # runtime.models.Message being handled
     outbox: list[Outgoing] = field(default_factory=list)
     changes: list[dict] = field(default_factory=list)
+    # Messages of the same drain batch already settled but not yet written back
+    # (statuses are written once per batch); see builtins.message_status.
+    batch: dict = field(default_factory=dict)
 
     @property
     def now(self) -> int:
@@ -37,6 +42,7 @@ class Context:
     def send(self, *, target: str, tags: Any, data: Any = "") -> Outgoing:
         out = Outgoing(target=target, tags=normalize_tags(tags), data=encode_data(data))
         self.outbox.append(out)
+        out.msg_id = derive_id(self.msg.msg_id, len(self.outbox))
         return out
 
     def forwarded_x_tags(self) -> dict[str, str]:

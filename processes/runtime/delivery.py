@@ -19,7 +19,7 @@ from processes.runtime.handlers import HandlerError
 from processes.runtime.ids import derive_id, is_id, new_id, now_ms
 from processes.runtime.models import Message, Process, Wallet
 from processes.runtime.registry import get_blueprint
-from processes.runtime.signals import messages_settled
+from processes.runtime.signals import messages_applied, messages_settled
 from processes.runtime.tags import TagError, encode_data, normalize_tags, validate_data, validate_tags
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,13 @@ def _error_reply(msg: Message, error: str) -> list[Outgoing]:
     return ctx.outbox
 
 
-def run_handler(*, process: Process, msg: Message, blueprint) -> tuple[str, str, bool, Context]:
+def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None = None) -> tuple[str, str, bool, Context]:
     """Run the matching handler inside a savepoint: (status, error, handled, ctx).
 
     A handler that raises leaves no trace but the error (its savepoint is rolled
     back and its outbox discarded). Shared by delivery and replay.
     """
-    ctx = Context(process=process, msg=msg)
+    ctx = Context(process=process, msg=msg, batch=batch if batch is not None else {})
     handler = blueprint.handlers.match(msg)
     if handler is None:
         return Message.APPLIED, "", False, ctx  # lands in the inbox
@@ -169,7 +169,7 @@ def outgoing_rows(*, process: Process, msg: Message, outbox: list[Outgoing], now
         process.next_reference += 1
         rows.append(
             Message(
-                msg_id=derive_id(msg.msg_id, index),
+                msg_id=out.msg_id or derive_id(msg.msg_id, index),
                 sender=process.id,
                 target=out.target,
                 action=dict(out.tags).get("Action", ""),
@@ -212,15 +212,17 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
             return 0
         blueprint = get_blueprint(process.kind)
         outgoing: list[Message] = []
+        batch: dict[str, Message] = {}
         for msg in pending:
             now = now_ms()
-            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint)
+            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch)
             children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
             msg.slot = process.next_slot
             process.next_slot += 1
             msg.status, msg.error, msg.handled, msg.applied_at = status, error, handled, now
             msg.result = {"messages": [c.msg_id for c in children], "changes": ctx.changes}
             outgoing.extend(children)
+            batch[msg.msg_id] = msg
         _deliver_to_wallets(outgoing, now_ms())
         Message.objects.bulk_update(pending, ["slot", "status", "error", "handled", "applied_at", "result"])
         Message.objects.bulk_create(outgoing)
@@ -230,6 +232,7 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
         if len(pending) == batch_size:
             wake.add(process.id)  # more may be waiting
         settled = pending + [row for row in outgoing if row.status != Message.PENDING]
+        messages_applied.send(sender=Message, messages=settled)
         transaction.on_commit(partial(_after_commit, settled, wake))
     return len(pending)
 
@@ -261,7 +264,9 @@ def record_drain_failure(*, process_id: str, error: str) -> Message | None:
         Message.objects.bulk_create(children)
         process.save(update_fields=["next_slot", "next_reference"])
         wake = {c.target for c in children if c.status == Message.PENDING} | {process.id}
-        transaction.on_commit(partial(_after_commit, [head, *[c for c in children if c.status != Message.PENDING]], wake))
+        settled = [head, *[c for c in children if c.status != Message.PENDING]]
+        messages_applied.send(sender=Message, messages=settled)
+        transaction.on_commit(partial(_after_commit, settled, wake))
         return head
 
 

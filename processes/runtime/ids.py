@@ -24,7 +24,7 @@ def derive_id(*parts: str | int) -> str:
 
 
 def is_id(value: str) -> bool:
-    return bool(ID_PATTERN.match(value or ""))
+    return bool(ID_PATTERN.fullmatch(value or ""))  # fullmatch: "$" would accept a trailing newline
 
 
 def now_ms() -> int:

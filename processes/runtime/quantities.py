@@ -22,9 +22,11 @@ class QuantityError(ValueError):
 
 def parse_quantity(value: object, *, name: str = "Quantity") -> int:
     """The int for a canonical positive quantity string, or QuantityError saying why not."""
-    if not isinstance(value, str) or value == "":
+    if value is None or value == "":
         raise QuantityError(f"{name} is required: a whole number of base units, like \"1000000\".")
-    if not _CANONICAL.match(value):
+    if not isinstance(value, str):
+        raise QuantityError(f"{name} must be a string of digits in base units, like \"1000000\"; got {type(value).__name__}.")
+    if not _CANONICAL.fullmatch(value):  # fullmatch: "$" would accept a trailing newline
         raise QuantityError(
             f"{name} must be a positive whole number of base units in canonical form "
             f"(digits only, no sign, leading zero, decimal point or exponent); got {value[:40]!r}."

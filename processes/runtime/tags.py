@@ -41,7 +41,7 @@ def validate_tags(tags: list[list[str]], *, allow_reserved: bool = False) -> Non
         raise TagError(f"Too many tags: {len(tags)} (at most {MAX_TAGS}).")
     seen = set()
     for name, value in tags:
-        if not _TAG_NAME.match(name):
+        if not _TAG_NAME.fullmatch(name):  # fullmatch: "$" would accept a trailing newline
             raise TagError(f"Tag name {name[:70]!r} is not allowed: use letters, digits, '-', '_', '.', ':' (max 64).")
         if name in seen:
             raise TagError(f"Tag {name!r} appears more than once.")

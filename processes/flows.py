@@ -1,0 +1,86 @@
+"""Flows: a user's request and everything it caused, with one status.
+
+A flow's id is the id of the user's first message (every later hop carries it
+as Pushed-For). Its status is updated inside the same transaction that applies
+the message deciding it, so it is never out of step with the message log.
+"""
+
+from django.db import models, transaction
+from django.dispatch import Signal
+from django.utils import timezone
+
+from processes.runtime.delivery import send_message
+from processes.runtime.models import Message
+
+# Sent after commit with `flows=[Flow, ...]` that just ended.
+flows_ended = Signal()
+
+FINAL_STATUSES = ("completed", "refunded", "failed")
+
+
+class Flow(models.Model):
+    PENDING, COMPLETED, REFUNDED, FAILED = "pending", "completed", "refunded", "failed"
+    STATUSES = [(s, s) for s in (PENDING, COMPLETED, REFUNDED, FAILED)]
+    KINDS = [(k, k) for k in ("deposit", "redeem", "faucet", "transfer", "other")]
+
+    id = models.CharField(primary_key=True, max_length=43)
+    kind = models.CharField(max_length=10, choices=KINDS)
+    mode = models.CharField(max_length=8, blank=True)  # deposit (v2) | lock (v1)
+    user = models.CharField(max_length=43, db_index=True)
+    target = models.CharField(max_length=43)  # the process the first message went to
+    quantity = models.BigIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=STATUSES, default=PENDING)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "-created_at"], name="flow_user_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id[:8]}… {self.status}"
+
+
+def start_flow(*, user: str, target: str, kind: str, tags: dict, mode: str = "", quantity: int | None = None) -> Flow:
+    """Send the user's first message and open its flow, in one transaction."""
+    with transaction.atomic():
+        msg = send_message(sender=user, target=target, tags=tags)
+        return Flow.objects.create(id=msg.msg_id, kind=kind, mode=mode, user=user, target=target, quantity=quantity)
+
+
+def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:
+    """(status, error) if this message decides the flow."""
+    if msg.target == flow.user and msg.status == Message.APPLIED:
+        status = msg.get("Flow-Status")
+        if status in FINAL_STATUSES:
+            return status, msg.get("Error") or msg.get("Reason") or ""
+        if flow.kind == "faucet" and msg.action == "Mint-Response":
+            return Flow.COMPLETED, ""
+        if flow.kind == "transfer" and msg.action == "Debit-Notice":
+            return Flow.COMPLETED, ""
+    if msg.msg_id == flow.id and msg.status == Message.FAILED:
+        return Flow.FAILED, msg.error
+    return None
+
+
+def track_flows(sender, messages, **kwargs) -> None:
+    """messages_applied receiver: settle the flows these messages decide."""
+    candidates = {m.pushed_for for m in messages
+                  if m.get("Flow-Status") or m.status == Message.FAILED or m.action in ("Mint-Response", "Debit-Notice")}
+    if not candidates:
+        return
+    flows = {f.id: f for f in Flow.objects.filter(id__in=candidates, status=Flow.PENDING)}
+    ended = []
+    for msg in messages:
+        flow = flows.get(msg.pushed_for)
+        if flow is None or flow.status != Flow.PENDING:
+            continue
+        decision = _decision(msg, flow)
+        if decision:
+            flow.status, flow.error = decision
+            flow.ended_at = timezone.now()
+            flow.save(update_fields=["status", "error", "ended_at"])
+            ended.append(flow)
+    if ended:
+        transaction.on_commit(lambda: flows_ended.send(sender=Flow, flows=ended))
