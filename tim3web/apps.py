@@ -10,3 +10,7 @@ class Tim3WebConfig(AppConfig):
         from tim3web import events
 
         messages_settled.connect(events.publish_hops, dispatch_uid="tim3web-publish-hops")
+
+        from processes.flows import flows_ended
+
+        flows_ended.connect(events.publish_flow_ends, dispatch_uid="tim3web-publish-flow-ends")

@@ -70,3 +70,11 @@ def _running_loop():
 
 def publish_hops(sender, messages, **kwargs) -> None:
     publish(hop_events(messages))
+
+
+def publish_flow_ends(sender, flows, **kwargs) -> None:
+    events = []
+    for flow in flows:
+        event = {"type": "flow", "flow": flow.id, "status": flow.status, "error": flow.error or None}
+        events += [(ALL_HOPS, event), (flow_group(flow.id), event)]
+    publish(events)
