@@ -59,6 +59,8 @@ def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:
             return Flow.COMPLETED, ""
         if flow.kind == "transfer" and msg.action == "Debit-Notice":
             return Flow.COMPLETED, ""
+        if flow.kind == "other" and msg.action.endswith("-Response") and msg.parent_id == flow.id:
+            return Flow.COMPLETED, ""
     if msg.msg_id == flow.id and msg.status == Message.FAILED:
         return Flow.FAILED, msg.error
     return None
@@ -66,8 +68,8 @@ def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:
 
 def track_flows(sender, messages, **kwargs) -> None:
     """messages_applied receiver: settle the flows these messages decide."""
-    candidates = {m.pushed_for for m in messages
-                  if m.get("Flow-Status") or m.status == Message.FAILED or m.action in ("Mint-Response", "Debit-Notice")}
+    candidates = {m.pushed_for for m in messages if m.get("Flow-Status") or m.status == Message.FAILED
+                  or m.action.endswith("-Response") or m.action == "Debit-Notice"}
     if not candidates:
         return
     flows = {f.id: f for f in Flow.objects.filter(id__in=candidates, status=Flow.PENDING)}
