@@ -3,7 +3,7 @@
 import logging
 
 from celery import shared_task
-from django.db import DatabaseError, close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 
 from processes.runtime.delivery import drain_mailbox, record_drain_failure, sweep_mailboxes
 
@@ -16,7 +16,9 @@ def drain(self, process_id: str, isolate: bool = False) -> int:
     close_old_connections()
     try:
         return drain_mailbox(process_id=process_id, batch_size=1 if isolate else None)
-    except DatabaseError as exc:  # transient: the transaction rolled back, nothing applied
+    except (OperationalError, InterfaceError) as exc:  # transient (lost connection, deadlock, lock timeout): nothing applied
+        # Not DataError/IntegrityError/ProgrammingError: those repeat on every try, so they
+        # go below, where they count toward dead-lettering instead of blocking the mailbox forever.
         close_old_connections()
         raise self.retry(exc=exc, countdown=min(0.1 * 2 ** self.request.retries, 5)) from exc
     except Exception as exc:

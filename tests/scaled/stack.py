@@ -1,0 +1,265 @@
+"""The real scaled-mode services for tests: `celery -A tim3web worker` and
+`beat` subprocesses pointed at pytest-django's Postgres test database and the
+test Redis db, and helpers to wait for the engine to be idle."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "tim3test"  # worker node names are <name>-<run>@tim3test
+
+
+def orphan_guard() -> list[str]:
+    """A command prefix that gets a subprocess SIGTERM if pytest itself dies (even by SIGKILL),
+    so no worker outlives the run holding the test database open."""
+    setpriv = shutil.which("setpriv")  # util-linux
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
+def scaled_env_problem() -> str | None:
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://", "pgsql://")):
+        return "scaled tests need DATABASE_URL=postgres://… (they run in the Postgres pass of `make test`)"
+    if not os.environ.get("REDIS_URL", "").startswith("redis://"):
+        return "scaled tests need REDIS_URL=redis://…"
+    return None
+
+
+TIMING = "tim3-timing"  # user property: a measured figure, shown at the end of the run
+
+
+def worker_database_url() -> str:
+    """A DATABASE_URL for pytest-django's test database (exists once `django_db_setup` ran)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    auth = quote(s.get("USER") or "", safe="")
+    if s.get("PASSWORD"):
+        auth += ":" + quote(s["PASSWORD"], safe="")
+    host = s.get("HOST") or "localhost"
+    port = f":{s['PORT']}" if s.get("PORT") else ""
+    return f"postgres://{auth + '@' if auth else ''}{host}{port}/{quote(s['NAME'], safe='')}"
+
+
+def purge_broker() -> None:
+    """Empty the Celery queue of the test Redis db, including tasks a killed worker left unacked."""
+    import redis
+
+    from tim3web.celery import app
+
+    app.control.purge()
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.delete("celery", "unacked", "unacked_index", "unacked_mutex")
+    client.close()
+
+
+@dataclass
+class Service:
+    """One subprocess: a Celery worker or beat."""
+
+    name: str
+    kind: str  # "worker" or "beat"
+    popen: subprocess.Popen
+    log_path: Path
+    env: dict = field(repr=False)
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@{HOST}"
+
+    @property
+    def appname(self) -> str:  # its Postgres application_name (PGAPPNAME)
+        return f"tim3-{self.name}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class Scaled:
+    """Starts, kills and restarts real Celery processes pointed at the test database."""
+
+    def __init__(self, *, log_dir: Path):
+        self.log_dir = log_dir
+        self.run = uuid.uuid4().hex[:6]
+        self.services: list[Service] = []
+        self.base_env = self._base_env()
+
+    def _base_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TIM3_", "PYTEST_"))}
+        env.update(
+            DATABASE_URL=worker_database_url(),
+            REDIS_URL=os.environ["REDIS_URL"],
+            DJANGO_SETTINGS_MODULE="tim3web.settings",
+            TIM3_DOORBELL="celery",
+            TIM3_VAR_DIR=str(self.log_dir / "var"),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    # --- workers ------------------------------------------------------------------
+
+    def start_worker(self, name: str | None = None, *, wait: bool = True, **extra_env: str) -> Service:
+        """`celery -A tim3web worker -P solo` as a subprocess; waits until it answers a ping."""
+        name = name or f"w{len([s for s in self.services if s.kind == 'worker']) + 1}"
+        name = f"{name}-{self.run}"
+        env = {**self.base_env, **{k: str(v) for k, v in extra_env.items()}, "PGAPPNAME": f"tim3-{name}"}
+        argv = [
+            sys.executable, "-m", "celery", "-A", "tim3web", "worker", "-P", "solo", "-c", "1",
+            "--without-heartbeat", "--without-mingle", "--without-gossip", "-n", f"{name}@{HOST}", "-l", "WARNING",
+        ]
+        service = self._spawn(name, "worker", argv, env)
+        service.extra_env = dict(extra_env)
+        if wait:
+            self.wait_ready(service)
+        return service
+
+    def start_workers(self, count: int, **extra_env: str) -> list[Service]:
+        started = [self.start_worker(wait=False, **extra_env) for _ in range(count)]
+        for service in started:
+            self.wait_ready(service)
+        return started
+
+    def wait_ready(self, service: Service, *, timeout: float = 60.0) -> None:
+        from tim3web.celery import app
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not service.alive():
+                pytest.fail(f"worker {service.name} exited with {service.popen.returncode}:\n{service.log_tail()}")
+            # A solo worker answers between tasks, so a busy one answers late: keep asking.
+            if app.control.ping(destination=[service.nodename], timeout=0.5):
+                return
+        pytest.fail(f"worker {service.name} did not answer a ping within {timeout}s:\n{service.log_tail()}")
+
+    def kill(self, service: Service, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to that one process (by its pid) and reap it."""
+        if service.alive():
+            service.popen.send_signal(sig)
+        return service.popen.wait(timeout=30)
+
+    def restart(self, service: Service, *, sig: int = signal.SIGKILL, **extra_env: str) -> Service:
+        """Kill one worker and start a fresh one in its place (new node name, same settings)."""
+        self.kill(service, sig)
+        return self.start_worker(service.name.rsplit("-", 1)[0] + "r", **{**service.extra_env, **extra_env})
+
+    # --- beat -----------------------------------------------------------------------
+
+    def start_beat(self, **extra_env: str) -> Service:
+        """`celery -A tim3web beat` with a schedule file of its own."""
+        name = f"beat-{self.run}"
+        schedule = self.log_dir / f"{name}-schedule"
+        env = {**self.base_env, **{k: str(v) for k, v in extra_env.items()}}
+        argv = [sys.executable, "-m", "celery", "-A", "tim3web", "beat", "-s", str(schedule), "-l", "WARNING"]
+        service = self._spawn(name, "beat", argv, env)
+        time.sleep(0.5)
+        if not service.alive():
+            pytest.fail(f"celery beat exited with {service.popen.returncode}:\n{service.log_tail()}")
+        return service
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _spawn(self, name: str, kind: str, argv: list[str], env: dict) -> Service:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                orphan_guard() + argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C of pytest does not reach it; we stop it ourselves
+            )
+        service = Service(name=name, kind=kind, popen=popen, log_path=log_path, env=env)
+        self.services.append(service)
+        return service
+
+    def check_alive(self) -> None:
+        for service in self.services:
+            if service.alive() or service.popen.returncode in (-signal.SIGKILL, -signal.SIGTERM, 0):
+                continue
+            pytest.fail(f"{service.kind} {service.name} died ({service.popen.returncode}):\n{service.log_tail()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.kind} {s.name} ---\n{s.log_tail(15)}" for s in self.services)
+
+    def stop_all(self) -> None:
+        for service in self.services:
+            if service.alive():
+                service.popen.send_signal(signal.SIGTERM)  # warm shutdown: finish the current task
+        for service in self.services:
+            try:
+                service.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.popen.kill()
+                service.popen.wait(timeout=10)
+
+
+# --- helpers for the tests -------------------------------------------------------------
+
+def pending_count() -> int:
+    from processes.runtime.models import Message
+
+    return Message.objects.filter(status=Message.PENDING).count()
+
+
+def broker_backlog() -> int:
+    """Doorbells queued in Redis or delivered to a worker and not yet acknowledged."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        return client.llen("celery") + client.hlen("unacked")
+    finally:
+        client.close()
+
+
+def wait_until_idle(
+    scaled: Scaled | None = None, *, timeout: float = 180.0, sweep_every: float | None = None, quiet_broker: bool = True,
+) -> float:
+    """Wait until no message is pending; return the seconds it took.
+
+    With `quiet_broker`, also until no doorbell is queued or running, so a
+    later send without a doorbell really stays pending (a late doorbell would
+    drain it). A generous deadline, not a speed check: exceeding it fails with
+    what is still pending and the workers' logs. `sweep_every` enqueues the
+    sweep task periodically, as `celery beat` would.
+    """
+    from processes.runtime.models import Message
+    from processes.tasks import sweep
+
+    start = time.monotonic()
+    last_sweep = start
+    while True:
+        pending = pending_count()
+        if pending == 0 and not (quiet_broker and broker_backlog()):
+            return time.monotonic() - start
+        now = time.monotonic()
+        if now - start > timeout:
+            by_target = list(
+                Message.objects.filter(status=Message.PENDING).values_list("target", "action")[:10]
+            )
+            pytest.fail(
+                f"{pending} message(s) still pending, {broker_backlog()} doorbell(s) in Redis, "
+                f"after {timeout:.0f}s (e.g. {by_target}).\n"
+                + (scaled.logs() if scaled else "")
+            )
+        if scaled is not None:
+            scaled.check_alive()
+        if sweep_every is not None and now - last_sweep >= sweep_every:
+            sweep.delay()
+            last_sweep = now
+        time.sleep(0.05)

@@ -1,0 +1,48 @@
+"""The drain task's error handling: transient database errors are retried
+without counting against the message; errors that would repeat on every try
+(DataError, IntegrityError, a bug) count, and dead-letter the head message
+after TIM3_MAX_ATTEMPTS so the mailbox behind it moves on."""
+
+import pytest
+from django.db import DataError, OperationalError
+
+from processes import tasks
+from processes.runtime.delivery import run_until_idle, send_message
+from processes.runtime.models import Message
+
+# The task opens with close_old_connections(), which would close a test's wrapping transaction.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _broken(exc):
+    def drain_mailbox(**kwargs):
+        raise exc
+
+    return drain_mailbox
+
+
+def test_transient_error_is_retried_without_counting(system, wallet, monkeypatch):
+    msg = send_message(sender=wallet(), target=system["usda"].id, tags={"Action": "Info"})
+    monkeypatch.setattr(tasks, "drain_mailbox", _broken(OperationalError("deadlock detected")))
+    with pytest.raises(OperationalError):  # called directly, `retry` re-raises
+        tasks.drain(system["usda"].id)
+    msg.refresh_from_db()
+    assert (msg.status, msg.attempts) == (Message.PENDING, 0)
+
+
+def test_repeating_database_error_dead_letters_the_head(system, wallet, monkeypatch, settings):
+    sender = wallet()
+    msg = send_message(sender=sender, target=system["usda"].id, tags={"Action": "Info"})
+    behind = send_message(sender=sender, target=system["usda"].id, tags={"Action": "Info"})
+    monkeypatch.setattr(tasks, "drain_mailbox", _broken(DataError("value too long for type character varying(64)")))
+    for attempt in range(1, settings.TIM3_MAX_ATTEMPTS + 1):
+        with pytest.raises(DataError):
+            tasks.drain(system["usda"].id)
+        msg.refresh_from_db()
+        assert msg.attempts == attempt
+    assert msg.status == Message.FAILED and msg.dead and "DataError" in msg.error
+    assert Message.objects.get(parent_id=msg.msg_id).action == "Info-Error"
+    monkeypatch.undo()
+    run_until_idle()
+    behind.refresh_from_db()
+    assert behind.status == Message.APPLIED
