@@ -8,6 +8,7 @@ from typing import Any
 MAX_TAGS = 64
 MAX_TAG_VALUE = 4096
 MAX_DATA = 64 * 1024
+MAX_ACTION = 48  # the column holds 64, and the runtime may answer "<Action>-Error"
 _TAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Message fields that are columns, never tags: a sender must not forge them.
@@ -48,6 +49,8 @@ def validate_tags(tags: list[list[str]], *, allow_reserved: bool = False) -> Non
         seen.add(name)
         if not allow_reserved and name in RESERVED_TAGS:
             raise TagError(f"Tag {name!r} is set by the system and cannot be sent.")
+        if name == "Action" and len(value) > MAX_ACTION:
+            raise TagError(f"Action is longer than {MAX_ACTION} characters.")
         if len(value) > MAX_TAG_VALUE:
             raise TagError(f"Tag {name!r} is longer than {MAX_TAG_VALUE} characters.")
         if _CONTROL.search(value):
