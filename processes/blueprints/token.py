@@ -6,7 +6,7 @@ exact ints; a handler that raises changes nothing and its sender gets
 `<Action>-Error` from the runtime.
 """
 
-from django.db.models import F, Sum
+from django.db.models import F, Q, Sum
 
 from processes.blueprints.state import FaucetGrant, TokenAccount, TokenMinter, TokenOperation, TokenState
 from processes.runtime.builtins import message_status
@@ -71,6 +71,9 @@ def debit(ctx, address: str, quantity: int) -> None:
 
 
 def record_operation(ctx, *, key: str, kind: str, address: str, quantity: int) -> None:
+    limit = TokenOperation._meta.get_field("key").max_length
+    if len(key) > limit:  # Postgres would fail the insert, SQLite would store it: refuse alike
+        raise HandlerError(f"Operation id {key[:40]!r}... is longer than {limit} characters.")
     if TokenOperation.objects.filter(process=ctx.process, key=key).exists():
         raise HandlerError(f"Operation {key} was already applied; it is never applied twice.")
     TokenOperation.objects.create(
@@ -82,6 +85,8 @@ def record_operation(ctx, *, key: str, kind: str, address: str, quantity: int) -
 def change_supply(ctx, token: TokenState, delta: int) -> None:
     if token.total_supply + delta > MAX_SUPPLY:
         raise HandlerError("Mint would take the total supply above its maximum.")
+    if delta > 0 and token.minted_total + delta > MAX_SUPPLY:  # burned_total <= minted_total: one check
+        raise HandlerError("Mint would take the lifetime minted total above its maximum.")
     fields = {"total_supply": F("total_supply") + delta}
     if delta > 0:
         fields["minted_total"] = F("minted_total") + delta
@@ -102,7 +107,7 @@ def spawn(msg, ctx):
         raise HandlerError("Mint-Policy must be faucet, owner or minters.")
     TokenState.objects.create(
         process=ctx.process,
-        name=msg.get("Token-Name") or msg.get("Name"),
+        name=msg.get("Token-Name") or msg.get("Name") or ctx.process.name,
         ticker=msg.get("Ticker", "TKN"),
         logo=msg.get("Logo", ""),
         denomination=int(msg.get("Denomination", "6")),
@@ -200,7 +205,9 @@ def get_operation(msg, ctx):
     key = msg.get("Operation-Id")
     if not key:
         raise HandlerError("Operation-Id is required.")
-    ops = TokenOperation.objects.filter(process=ctx.process, key__startswith=key).order_by("timestamp", "key")
+    # The operation and its compensations (`<id>:<X-Mint-Kind>`), not every key that merely starts alike.
+    ops = TokenOperation.objects.filter(Q(key=key) | Q(key__startswith=f"{key}:"), process=ctx.process).order_by(
+        "timestamp", "key")
     ctx.reply({"Action": "GetOperation-Response", "Operation-Id": key, "Found": "true" if ops else "false"}, data=[
         {"key": o.key, "kind": o.kind, "account": o.account, "quantity": str(o.quantity), "timestamp": o.timestamp}
         for o in ops
