@@ -9,6 +9,7 @@ from django.db import models, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
+from processes.blueprints.state import Operation
 from processes.runtime.delivery import send_message
 from processes.runtime.models import Message
 
@@ -66,16 +67,30 @@ def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:
     return None
 
 
+def _flow_id(msg: Message) -> str:
+    """The flow a message belongs to: its cascade's root (Pushed-For), except for a
+    coordinator's final word sent from another cascade. A timed-out operation is
+    compensated in the cascade of the `CleanupExpired` tick, so its
+    `Deposit-Refunded` (etc.) has that tick as Pushed-For; the operation it names
+    (`Operation-Id`, looked up in the sending coordinator) knows the user's flow."""
+    op_id = msg.get("Operation-Id")
+    if msg.get("Flow-Status") and op_id:
+        flow_id = Operation.objects.filter(process_id=msg.sender, op_id=op_id).values_list("flow_id", flat=True).first()
+        if flow_id:
+            return flow_id
+    return msg.pushed_for
+
+
 def track_flows(sender, messages, **kwargs) -> None:
     """messages_applied receiver: settle the flows these messages decide."""
-    candidates = {m.pushed_for for m in messages if m.get("Flow-Status") or m.status == Message.FAILED
-                  or m.action.endswith("-Response") or m.action == "Debit-Notice"}
-    if not candidates:
+    flow_ids = {m.msg_id: _flow_id(m) for m in messages if m.get("Flow-Status") or m.status == Message.FAILED
+                or m.action.endswith("-Response") or m.action == "Debit-Notice"}
+    if not flow_ids:
         return
-    flows = {f.id: f for f in Flow.objects.filter(id__in=candidates, status=Flow.PENDING)}
+    flows = {f.id: f for f in Flow.objects.filter(id__in=set(flow_ids.values()), status=Flow.PENDING)}
     ended = []
     for msg in messages:
-        flow = flows.get(msg.pushed_for)
+        flow = flows.get(flow_ids.get(msg.msg_id, ""))
         if flow is None or flow.status != Flow.PENDING:
             continue
         decision = _decision(msg, flow)

@@ -272,7 +272,9 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
     """The awaited request failed (or timed out unanswered): compensate."""
     q = op.quantity
     op.error = error
-    op.reserved = False  # released: a failed mint does not count against the limits
+    # Released: a failed mint does not count against the limits. A failed position
+    # record is not a failed mint (the TIM3 was minted), so that one keeps counting.
+    op.reserved = op.reserved and op.step == "recording"
     match (op.kind, op.step):
         case (Operation.DEPOSIT, "minting"):
             c.outstanding -= q
@@ -302,11 +304,21 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
 
 
 def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[CoordinatorState, Operation | None]:
-    """The pending operation this reply answers (by X-Operation-Id), checking who sent it."""
+    """The pending operation this reply answers (by X-Operation-Id), checking who sent it.
+
+    The process the awaited request went to may answer it even if the owner has
+    re-pointed the coordinator since (else the operation would wait forever:
+    CleanupExpired hears the request was handled); anyone else must be the
+    configured process.
+    """
     c = config(ctx)
-    require_from(msg, getattr(c, expected_from), name)
     op_id = msg.get("X-Operation-Id")
     op = Operation.objects.filter(process=ctx.process, op_id=op_id or "").first()
+    asked = None
+    if op is not None and op.status == Operation.PENDING and op.awaiting:
+        asked = Message.objects.filter(msg_id=op.awaiting).values_list("target", flat=True).first()
+    if not asked or msg.sender != asked:
+        require_from(msg, getattr(c, expected_from), name)
     if op is None:
         raise HandlerError(f"No operation {op_id!r} here.")
     if op.status != Operation.PENDING:
@@ -567,8 +579,11 @@ def cleanup_expired(msg, ctx):
     c = config(ctx)
     if msg.sender not in (ctx.process.owner, c.scheduler):
         raise HandlerError("Only the owner or the scheduler may CleanupExpired.")
+    # A stuck operation already had its answer (an error during compensation) and
+    # waits for an operator: asking again would only overwrite its error and step.
     expired = Operation.objects.filter(process=ctx.process, status=Operation.PENDING, expiring=False,
-                                       updated_at__lt=ctx.now - c.pending_timeout_ms).exclude(awaiting="")
+                                       updated_at__lt=ctx.now - c.pending_timeout_ms).exclude(awaiting="").exclude(
+        step__startswith="stuck-")
     count = 0
     for op in expired.order_by("updated_at", "op_id")[:100]:
         awaited = Message.objects.filter(msg_id=op.awaiting).values_list("target", flat=True).first()
@@ -597,8 +612,10 @@ def on_message_status(msg, ctx):
         op.expiring, op.updated_at = False, ctx.now
         op.save()
         return
+    why = {"applied": "no handler took it", "failed": "it failed", "unknown": "the process has no record of it"}
+    status = msg.get("Status") or "unknown"
     fail_step(ctx, c, op, f"Timed out after {c.pending_timeout_ms // 1000} s: the request was not handled "
-                          f"({msg.get('Status')}).")
+                          f"({why.get(status, status)}).")
 
 
 # --- emergency pause -----------------------------------------------------------------------
