@@ -1,0 +1,4 @@
+// Behaviour every page shares.
+import { initCopyButtons } from "./lib.js";
+
+initCopyButtons();
