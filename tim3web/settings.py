@@ -103,6 +103,18 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 
+# --- cache: rate-limit counters (shared by every web process in scaled mode) ---
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "KEY_PREFIX": "tim3"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "tim3"}}
+
+# --- the JSON API ---------------------------------------------------------------
+TIM3_TOKEN_TTL_HOURS = float(os.environ.get("TIM3_TOKEN_TTL_HOURS", "24"))  # Bearer tokens expire after this
+TIM3_RATE_LIMIT_PER_MINUTE = int(os.environ.get("TIM3_RATE_LIMIT_PER_MINUTE", "60"))  # fund-moving requests per wallet
+TIM3_READ_RATE_LIMIT_PER_SECOND = int(os.environ.get("TIM3_READ_RATE_LIMIT_PER_SECOND", "20"))  # reads per wallet
+
 # --- celery: the doorbell -----------------------------------------------------
 CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"  # a host, or kombu warns "No hostname was supplied" on every send
 CELERY_RESULT_BACKEND = None
