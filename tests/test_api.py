@@ -756,3 +756,10 @@ def test_openapi_and_docs(db):
             "/api/flows/{flow_id}", "/api/flows", "/api/messages/{message_id}", "/api/messages", "/api/processes",
             "/api/health", "/api/admin/pause", "/api/admin/resume"} <= paths
     assert Client().get("/api/docs").status_code == 200
+
+
+def test_oversized_body_is_refused(alice, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    before = snapshot()
+    assert_error(alice.post("/api/faucet", {"quantity": "1" * 2000}), 413, "too_large")
+    assert snapshot() == before

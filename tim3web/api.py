@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from django.contrib.auth import authenticate
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import transaction
 from django.db.models import Q
 from django.http import Http404, HttpResponseNotAllowed, JsonResponse
@@ -311,8 +312,18 @@ HTTP_CODES = {400: "bad_request", 401: "authentication_required", 403: "forbidde
 def _http_error(request, exc: HttpError):
     if exc.status_code == 400 and str(exc).startswith("Cannot parse request body"):
         return _error(request, 400, "invalid_json", "The request body is not valid JSON.")
-    status = exc.status_code if 400 <= exc.status_code < 500 else 400
+    status = exc.status_code
     return _error(request, status, HTTP_CODES.get(status, "bad_request"), str(exc) or "Bad request.")
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_large(request, exc):
+    return _error(request, 413, "too_large", "The request body is too large.")
+
+
+@api.exception_handler(SuspiciousOperation)
+def _suspicious(request, exc):
+    return _error(request, 400, "bad_request", "The request was refused as malformed.")
 
 
 @api.exception_handler(Http404)

@@ -9,7 +9,8 @@ Fixed windows: one counter per (scope, wallet, window), created with
 `cache.add` and bumped with `cache.incr`, both atomic in Redis (scaled mode,
 shared by every web process) and in LocMemCache (embedded mode, one process).
 A counter lives two windows, so it cannot expire while it is being counted.
-A limit of 0 turns the scope off. If the cache is unreachable the request is
+Every attempt by a logged-in wallet counts, refused ones (bad quantity,
+replayed Idempotency-Key) included. A limit of 0 turns the scope off. If the cache is unreachable the request is
 let through (logged): the coordinator's own limit still holds.
 """
 
