@@ -15,7 +15,6 @@ from django.contrib import messages as flash
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.core.management import call_command, get_commands
 from django.core.paginator import Paginator
 from django.db import close_old_connections
@@ -263,18 +262,13 @@ def signup(request):
             login(request, account.user, backend="django.contrib.auth.backends.ModelBackend")
             flash.success(request, "Welcome to TIM3. Your wallet is ready.")
             return redirect("wallet")
-    status = 400 if request.method == "POST" else 200
-    return render(request, "auth/signup.html", {"form": form}, status=status)
+    # A form with errors is shown again with 200, as Django does (no console noise in the browser).
+    return render(request, "auth/signup.html", {"form": form})
 
 
 class LoginView(auth_views.LoginView):
     template_name = "auth/login.html"
     redirect_authenticated_user = True
-
-    def form_invalid(self, form):
-        response = super().form_invalid(form)
-        response.status_code = 400
-        return response
 
 
 @login_required
@@ -300,7 +294,7 @@ def _fund_request(request, direction: str):
             flash.info(request, f"{what} of {format_units(int(quantity))} sent. Its hops appear below as they happen.")
             return redirect("flow", flow_id=flow.id)
     context["focus"] = direction
-    return render(request, "wallet.html", context, status=400)
+    return render(request, "wallet.html", context)
 
 
 @login_required
@@ -330,7 +324,7 @@ def faucet(request):
             flash.info(request, f"Faucet request for {format_units(form.cleaned_data['amount'])} USDA sent.")
             return redirect("flow", flow_id=flow.id)
     context = wallet_context(request, bound={"faucet_form": form})
-    return render(request, "wallet.html", context, status=400)
+    return render(request, "wallet.html", context)
 
 
 # --- flows -----------------------------------------------------------------------------
@@ -440,7 +434,7 @@ def explorer(request):
         "processes": Process.objects.order_by("created_at"),
         "recent": Message.objects.exclude(status=Message.PENDING).order_by("-seq")[:25],
         "flows": Flow.objects.all()[:10],
-    }, status=404 if q and not results else 200)
+    })
 
 
 def search(q: str) -> list[dict]:
@@ -552,13 +546,18 @@ def address_detail(request, address: str):
 
 # --- operations ------------------------------------------------------------------------
 
+def forbidden(request, reason: str):
+    """The 403 page with the reason (a response, not an exception: no traceback in the log)."""
+    return render(request, "403.html", {"exception": reason}, status=403)
+
+
 def staff_required(view):
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         if not request.user.is_authenticated:
             return redirect(f"{reverse('login')}?next={request.path}")
         if not request.user.is_staff:
-            raise PermissionDenied("The operations page is for staff.")
+            return forbidden(request, "The operations page is for staff.")
         return view(request, *args, **kwargs)
     return wrapper
 
@@ -658,14 +657,14 @@ def ops(request):
 
 def ops_error(request, message: str, **forms):
     flash.error(request, message)
-    return render(request, "ops.html", ops_context(request, **forms), status=400)
+    return render(request, "ops.html", ops_context(request, **forms))
 
 
 @staff_required
 @require_POST
 def ops_pause(request):
     if not can_pause(request.user):
-        raise PermissionDenied("Pausing needs the guardian permission or an admin.")
+        return forbidden(request, "Pausing needs the guardian permission or an admin.")
     form = PauseForm(request.POST)
     if not form.is_valid():
         return ops_error(request, "The pause was not sent: see the form.", pause_form=form)
@@ -685,7 +684,7 @@ def ops_pause(request):
 @require_POST
 def ops_resume(request):
     if not request.user.is_superuser:
-        raise PermissionDenied("Only an admin may resume.")
+        return forbidden(request, "Only an admin may resume.")
     form = ResumeForm(request.POST)
     if not form.is_valid():
         return ops_error(request, "Choose what to resume.", resume_form=form)
@@ -703,7 +702,7 @@ def ops_resume(request):
 @require_POST
 def ops_limits(request):
     if not request.user.is_superuser:
-        raise PermissionDenied("Only an admin may change limits.")
+        return forbidden(request, "Only an admin may change limits.")
     try:
         state = CoordinatorState.objects.get(process=active_coordinator())
     except (LookupError, CoordinatorState.DoesNotExist):
@@ -731,7 +730,7 @@ def ops_limits(request):
 @require_POST
 def ops_coordinator(request, verb: str):
     if not request.user.is_superuser:
-        raise PermissionDenied("Only an admin may change coordinator versions.")
+        return forbidden(request, "Only an admin may change coordinator versions.")
     try:
         if verb == "spawn":
             p = spawn_coordinator()

@@ -97,6 +97,9 @@ new HopStream({
   },
 }).start();
 
+// For the console and the browser tests: the live objects of this page.
+window.tim3Live = { diagram };
+
 const walletData = readJSON("wallet-data");
 if (walletData) {
   walletPanel = new Wallet(walletData, {

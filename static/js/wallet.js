@@ -23,7 +23,11 @@ export class Wallet {
     const faucet = $("form[data-faucet]");
     if (faucet) this.faucet = new FaucetForm(faucet, this);
     this.initTabs();
-    document.addEventListener("tim3:health", (e) => this.setPaused(e.detail.paused || {}));
+    document.addEventListener("tim3:health", (e) => {
+      // What the coordinators hold in custody is what v2 redemptions can be paid from.
+      if (e.detail.usda_held !== undefined) this.limits.payout_available = toBig(e.detail.usda_held);
+      this.setPaused(e.detail.paused || {});
+    });
   }
 
   initTabs() {
@@ -158,6 +162,10 @@ export class Wallet {
           if (kind === "deposit" && mode === "lock") this.b.v1_position = (this.b.v1_position || 0n) + toBig(quantity);
           if (kind === "redeem" && mode === "lock") this.b.v1_position = (this.b.v1_position || 0n) - toBig(quantity);
           if (kind === "deposit" && this.limits.daily_left !== undefined) this.limits.daily_left -= toBig(quantity);
+          if (mode !== "lock" && this.limits.payout_available !== undefined) {
+            if (kind === "deposit") this.limits.payout_available += toBig(quantity);
+            if (kind === "redeem") this.limits.payout_available -= toBig(quantity);
+          }
         }
         this.updateHistoryRow(flowId, status, error);
         this.refreshBalances();
