@@ -188,6 +188,8 @@ export class Diagram {
       if (a.self) { x += Math.sin(p * Math.PI) * 40; y -= Math.sin(p * Math.PI) * 50; }
       a.slot.g.setAttribute("transform", `translate(${x.toFixed(1)} ${y.toFixed(1)})`);
       a.slot.g.setAttribute("opacity", p > 0.85 ? ((1 - p) / 0.15).toFixed(2) : "1");
+      // The label only between the nodes, where it does not cover their names.
+      a.slot.label.setAttribute("opacity", Math.max(0, Math.min(1, (p - 0.08) / 0.12, (0.9 - p) / 0.12)).toFixed(2));
       if (p >= 1) {
         a.slot.g.setAttribute("visibility", "hidden");
         this.pool.push(a.slot);

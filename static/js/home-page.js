@@ -66,6 +66,11 @@ function label(address) {
   if (address === info.me) return "you";
   return wallets.get(address) || shortId(address, 6);
 }
+function addr(address) {
+  const kind = names.has(address) ? "process" : address === info.me ? "you" : "wallet";
+  const href = kind === "process" ? `/explorer/processes/${address}` : `/explorer/addresses/${address}`;
+  return el("a", { class: `addr addr-${kind}`, href, title: address, text: label(address) });
+}
 function renderFeed() {
   feedScheduled = false;
   const batch = feedQueue.slice(-12);
@@ -74,7 +79,7 @@ function renderFeed() {
   const rows = batch.reverse().map((m) => el("tr", { class: `row-new ${m.status === "failed" ? "row-failed" : ""}` },
     el("td", {}, el("a", { class: "action-link", href: `/explorer/messages/${m.id}`, text: m.action || "(no action)" }),
       el("div", { class: "route-inline small muted", "aria-hidden": "true", text: `${label(m.from)} → ${label(m.target)}` })),
-    el("td", { class: "route" }, `${label(m.from)} → ${label(m.target)}`),
+    el("td", { class: "route" }, addr(m.from), " → ", addr(m.target)),
     el("td", { class: "mono small", text: m.slot ?? "—" }),
     el("td", {}, el("span", { class: `status status-${m.status}`, text: m.status }))));
   feed.prepend(...rows);

@@ -50,6 +50,7 @@ class Watch:
 
 
 def shot(page, directory, name):
+    page.evaluate("window.scrollTo(0, 0)")  # a sticky header is drawn where the page is scrolled to
     page.screenshot(path=str(directory / f"{name}.png"), full_page=True)
 
 
@@ -297,6 +298,14 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     expect(admin.locator("#audit")).to_contain_text("resume")
     shot(admin, screenshots, "desktop-ops-resumed")
     phone_shots(browser, admin_context.storage_state(), base, screenshots, watch, [("ops", "/ops")])
+
+    # --- the system check from the operations page (it pauses and resumes, so it runs last) ---------------------
+    admin.goto(base + "/ops")
+    admin.click("button:has-text('Run system check')")
+    expect(admin.locator(".check-output")).to_contain_text("failed", timeout=60_000)
+    expect(admin.locator(".check-output")).to_contain_text(" 0 failed")
+    expect(admin.locator("#system-check .status")).to_have_text("passed")
+    shot(admin, screenshots, "desktop-ops-system-check")
 
     # --- a user who is not staff gets a clear 403 on /ops -----------------------------------------------------------
     response = page.goto(base + "/ops")

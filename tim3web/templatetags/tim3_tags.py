@@ -119,3 +119,14 @@ def query_with(context, **kwargs) -> str:
             params[key] = value
     encoded = params.urlencode()
     return f"?{encoded}" if encoded else "?"
+
+
+@register.filter
+def audit_value(value) -> str:
+    """An audit detail value for reading: lists joined, long ids shortened."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(audit_value(v) for v in value) or "—"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {audit_value(v)}" for k, v in value.items())
+    text = str(value)
+    return short_id(text, 10) if len(text) == 43 and " " not in text else text
