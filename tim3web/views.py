@@ -65,7 +65,7 @@ HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 FLOW_STEPS = {
     "deposit:deposit": [
         ("Transfer", "USDA sent to the coordinator"),
-        ("Credit-Notice", "Coordinator accepted the deposit"),
+        ("Credit-Notice", "Coordinator received the USDA"),
         ("Mint", "TIM3 minted to your wallet"),
         ("UpdatePosition", "Position recorded"),
         ("Deposit-Complete", "Deposit complete"),
@@ -400,8 +400,11 @@ def flow_step_states(flow: Flow, flow_msgs: list[Message]) -> list[dict]:
         hit = next((m for m in seen if m.action == action and m.status != Message.PENDING), None)
         if hit:
             seen.remove(hit)
-        states.append({"action": action, "label": label,
-                       "state": "pending" if hit is None else ("failed" if hit.status == Message.FAILED else "done")})
+        if hit is None:
+            state = "pending" if flow.status == Flow.PENDING else "skipped"
+        else:
+            state = "failed" if hit.status == Message.FAILED else "done"
+        states.append({"action": action, "label": label, "state": state})
     return states
 
 

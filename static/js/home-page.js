@@ -88,7 +88,7 @@ function renderFeed() {
 
 // --- the stream ---------------------------------------------------------------------
 let walletPanel = null;
-new HopStream({
+const stream = new HopStream({
   slots: info.slots,
   onHop: (event, source) => {
     diagram.push(event);
@@ -103,7 +103,7 @@ new HopStream({
 }).start();
 
 // For the console and the browser tests: the live objects of this page.
-window.tim3Live = { diagram };
+window.tim3Live = { diagram, stream };
 
 const walletData = readJSON("wallet-data");
 if (walletData) {

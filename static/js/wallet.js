@@ -153,6 +153,7 @@ export class Wallet {
         }
         const result = $("[data-result]", card);
         result.hidden = false;
+        error = (error || "").replace(/\.\s*$/, "");
         const amount = `${formatUnits(quantity)} ${kind === "redeem" ? "USDA" : kind === "faucet" ? "USDA" : "TIM3"}`;
         result.textContent = status === "completed"
           ? (kind === "faucet" ? `${amount} added to your wallet.` : `Done: ${amount} ${kind === "redeem" ? "paid out" : "minted"} to your wallet.`)
@@ -184,7 +185,7 @@ export class Wallet {
     if (kind !== "faucet") title += mode === "lock" ? " · v1 collateral" : " · v2 custody";
     const now = new Date();
     const row = el("tr", { "data-flow": flowId, class: "row-new" },
-      el("td", { class: "nowrap" }, el("time", { datetime: now.toISOString(), text: now.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" }) })),
+      el("td", { class: "nowrap" }, el("time", { datetime: now.toISOString(), text: now.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hour12: false }) })),
       el("td", { text: title }),
       el("td", { class: "num nowrap" }, `${formatUnits(quantity)} `, el("small", { text: KIND_UNITS[kind] || "" })),
       el("td", {}, el("span", { class: "status status-pending", "data-status": "pending", text: "pending" })),

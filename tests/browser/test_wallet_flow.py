@@ -195,6 +195,18 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     page.click("[data-replay-stop]")
     page.check("input[name='diagram-filter'][value='all']", force=True)
 
+    # A dropped connection: the stream reconnects and fetches what it missed by slot (CONTRACT).
+    reconnect = page.evaluate("""async () => {
+        const { stream, diagram } = window.tim3Live;
+        const usda = [...diagram.processNode.entries()].find(([, node]) => node === "usda")[0];
+        const before = diagram.total;
+        stream.slots[usda] = Math.max(0, stream.slots[usda] - 4);  // as if the last hops to USDA were missed
+        stream.socket.close();
+        await new Promise((r) => setTimeout(r, 2500));
+        return {caught: diagram.total - before, state: document.querySelector("[data-live-state]").dataset.state};
+    }""")
+    assert reconnect["state"] == "live" and reconnect["caught"] >= 1, reconnect
+
     burst = page.evaluate("""async () => {
         const d = window.tim3Live.diagram;
         const ids = [...d.processNode.keys()];
@@ -298,6 +310,27 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     expect(admin.locator("#audit")).to_contain_text("resume")
     shot(admin, screenshots, "desktop-ops-resumed")
     phone_shots(browser, admin_context.storage_state(), base, screenshots, watch, [("ops", "/ops")])
+
+    # --- a deposit the coordinator refuses is refunded, and the card says why -----------------------------------
+    admin.goto(base + "/ops")
+    admin.fill("#id_MaxAmount", "2")
+    admin.click("#limits button[type=submit]")
+    expect(admin.locator(".flash")).to_contain_text("MaxAmount")
+    page.fill("#id_deposit-amount", "3")  # the page still knows the old limits: the coordinator decides
+    page.click("#deposit-panel [data-submit]")
+    refunded = page.locator(".pending-card").first
+    expect(refunded).to_have_attribute("data-state", "refunded", timeout=20_000)
+    expect(refunded.locator("[data-result]")).to_contain_text("Amount is above the maximum of 2 TIM3 per operation")
+    expect(refunded.locator(".step-extra")).to_contain_text("Refund sent back to you")
+    expect(page.locator("#balances [data-balance='usda_available']")).to_have_text("984.5")
+    shot(page, screenshots, "desktop-wallet-refunded")
+    refunded_flow = refunded.get_attribute("data-flow")
+    page.goto(f"{base}/flows/{refunded_flow}")
+    expect(page.locator(".alert")).to_contain_text("Refunded:")
+    shot(page, screenshots, "desktop-flow-refunded")
+    admin.fill("#id_MaxAmount", "100000")
+    admin.click("#limits button[type=submit]")
+    expect(admin.locator(".flash")).to_contain_text("MaxAmount")
 
     # --- the system check from the operations page (it pauses and resumes, so it runs last) ---------------------
     admin.goto(base + "/ops")

@@ -130,3 +130,21 @@ def audit_value(value) -> str:
         return ", ".join(f"{k} {audit_value(v)}" for k, v in value.items())
     text = str(value)
     return short_id(text, 10) if len(text) == 43 and " " not in text else text
+
+
+AMOUNT_TAGS = {"Quantity", "Amount", "CollateralAmount", "TIM3", "Collateral", "Balance", "Locked"}
+
+
+@register.filter
+def tag_amount(value, name) -> str:
+    """For a quantity tag, its value as tokens ("25.5"); else ""."""
+    text = str(value or "")
+    if name in AMOUNT_TAGS and text.isdigit():
+        return format_units(int(text))
+    return ""
+
+
+@register.filter
+def is_id(value) -> bool:
+    text = str(value or "")
+    return len(text) == 43 and all(c.isalnum() or c in "-_" for c in text)
