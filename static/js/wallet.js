@@ -134,7 +134,8 @@ export class Wallet {
           step.li.classList.add(m.status === "failed" ? "step-failed" : "step-done");
           step.li.querySelector(".step-time").textContent = `${ms} ms`;
           if (m.status === "failed" && m.error) step.li.title = m.error;
-        } else if (/Refund|Refunded|Failed|Error|Unlock|remint/i.test(m.action) && m.target !== m.from) {
+        } else if (/-(Refunded|Failed)$/.test(m.action) || (kind === "redeem" && m.action === "Mint")) {
+          // Compensation: what the coordinator did instead of the happy path.
           const extra = el("li", { class: "step step-done step-extra" },
             el("span", { class: "step-mark", "aria-hidden": "true" }),
             el("span", { class: "step-label", text: humanize(m) }), el("span", { class: "step-time", text: `${ms} ms` }));
@@ -208,9 +209,9 @@ export class Wallet {
 }
 
 function humanize(m) {
-  if (/Refunded$/.test(m.action)) return "Refund sent back to you";
-  if (m.action === "Transfer") return "USDA returned to you";
-  if (/Unlock/.test(m.action)) return "Collateral unlocked";
+  if (/-Refunded$/.test(m.action)) return "Refund sent back to you";
+  if (/-Failed$/.test(m.action)) return "Request refused";
+  if (m.action === "Mint") return "Burned TIM3 minted back to you";
   return m.action.replace(/-/g, " ");
 }
 
