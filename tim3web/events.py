@@ -7,6 +7,7 @@ from worker threads are handed to that loop thread-safely.
 
 import asyncio
 import logging
+import time
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -30,8 +31,9 @@ def remember_server_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 def hop_events(messages) -> list[tuple[str, dict]]:
     events = []
+    committed_at = int(time.time() * 1000)  # called right after commit: what `bench` measures lag from
     for msg in messages:
-        event = {"type": "hop", "flow": msg.pushed_for, "message": message_to_dict(msg)}
+        event = {"type": "hop", "flow": msg.pushed_for, "message": message_to_dict(msg), "committed_at": committed_at}
         events.append((ALL_HOPS, event))
         events.append((flow_group(msg.pushed_for), event))
     return events

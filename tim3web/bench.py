@@ -1,0 +1,280 @@
+"""`manage.py bench`: deposit/redeem flows through the real stack of the current mode.
+
+It starts the stack the way production runs it (scaled: Daphne + N `celery
+worker` processes; embedded: `manage.py serve`), drives it over HTTP with
+bearer-token users, watches every hop on the websocket, and reads the message
+log at the end to count hops and anything lost or duplicated.
+"""
+
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from django.conf import settings
+from django.db import connection
+
+from processes.flows import Flow
+from processes.runtime.models import Message
+
+BASE_DIR = Path(settings.BASE_DIR)
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(p / 100 * (len(ordered) - 1)))))
+    return round(ordered[index], 1)
+
+
+class Stack:
+    """The processes `make run` or the Procfile would run, as subprocesses."""
+
+    def __init__(self, *, workers: int, log_dir: Path) -> None:
+        self.workers, self.log_dir, self.procs = workers, log_dir, []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen(argv, cwd=BASE_DIR, env=os.environ.copy(), stdout=log, stderr=log))
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        bin_dir = Path(sys.executable).parent
+        if settings.TIM3_MODE == "scaled":
+            self._spawn("daphne", [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(self.port),
+                                   "tim3web.asgi:application"])
+            for i in range(self.workers):
+                self._spawn(f"worker{i}", [str(bin_dir / "celery"), "-A", "tim3web", "worker", "-P", "solo",
+                                           "-c", "1", "-n", f"bench{i}-{self.port}@%h", "--without-heartbeat",
+                                           "--without-mingle", "--without-gossip", "-l", "WARNING"])
+        else:
+            self._spawn("serve", [sys.executable, "manage.py", "serve", "--port", str(self.port)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/api/health", timeout=2).ok:
+                    time.sleep(1.0 if settings.TIM3_MODE == "scaled" else 0.2)  # let workers connect
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the stack did not start; see {self.log_dir}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class HopWatcher(threading.Thread):
+    """A websocket client on /ws/flows/ recording when each hop and flow end arrives."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.ws_url = url.replace("http://", "ws://") + "/ws/flows/"
+        self.hops: dict[str, list[float]] = {}  # message id -> receive times
+        self.lags: dict[str, float] = {}
+        self.flow_end: dict[str, tuple[str, float]] = {}
+        self.flow_events: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+
+    def waiter(self, flow_id: str) -> threading.Event:
+        with self.lock:
+            return self.flow_events.setdefault(flow_id, threading.Event())
+
+    def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        origin = self.ws_url.replace("ws://", "http://").split("/ws/")[0]
+        with connect(self.ws_url, max_size=None, open_timeout=10, origin=origin) as ws:
+            self.ready.set()
+            while not self.stopping.is_set():
+                try:
+                    raw = ws.recv(timeout=0.2)
+                except TimeoutError:
+                    continue
+                except ConnectionClosed:
+                    return
+                received = now_ms()
+                event = json.loads(raw)
+                if event.get("type") == "hop":
+                    msg_id = event["message"]["id"]
+                    self.hops.setdefault(msg_id, []).append(received)
+                    if event.get("committed_at"):
+                        self.lags[msg_id] = received - event["committed_at"]
+                elif event.get("type") == "flow":
+                    self.flow_end[event["flow"]] = (event["status"], received)
+                    self.waiter(event["flow"]).set()
+
+
+@dataclass
+class Client:
+    base: str
+    token: str
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def post(self, path: str, body: dict) -> dict:
+        r = self.session.post(f"{self.base}{path}", json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {self.token}"})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST {path} answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+
+def make_clients(base: str, count: int) -> list[Client]:
+    clients = []
+    tag = secrets.token_hex(3)
+    for i in range(count):
+        creds = {"username": f"bench-{tag}-{i}", "password": secrets.token_urlsafe(16)}
+        requests.post(f"{base}/api/register", json=creds, timeout=30).raise_for_status()
+        token = requests.post(f"{base}/api/token", json=creds, timeout=30).json()["token"]
+        clients.append(Client(base=base, token=token))
+    return clients
+
+
+def wait_flow(base: str, watcher: HopWatcher, flow_id: str, timeout: float) -> tuple[str, float]:
+    """(status, end time ms): from the websocket, or by polling the API if an event is missed."""
+    event = watcher.waiter(flow_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if event.wait(timeout=2.0):
+            return watcher.flow_end[flow_id]
+        status = requests.get(f"{base}/api/flows/{flow_id}", timeout=10).json().get("status")
+        if status and status != "pending":
+            return status, now_ms()
+    return "pending", now_ms()
+
+
+def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None, mix: str,
+              url: str | None, timeout: float = 60.0) -> dict:
+    stack = None
+    if url is None:
+        stack = Stack(workers=workers, log_dir=BASE_DIR / "var" / "bench")
+        stack.start()
+        url = stack.url
+    try:
+        watcher = HopWatcher(url)
+        watcher.start()
+        if not watcher.ready.wait(15):
+            raise RuntimeError("the websocket did not open")
+        users = max(1, concurrency)
+        clients = make_clients(url, users)
+        funding = [c.post("/api/faucet", {"quantity": str(1_000 * 10**6)})["flow_id"] for c in clients]
+        for flow_id in funding:
+            if wait_flow(url, watcher, flow_id, timeout)[0] != "completed":
+                raise RuntimeError(f"funding flow {flow_id} did not complete")
+
+        plan = []  # per user: deposit 2 USDA, then (mix) redeem 1 TIM3, alternating
+        for i in range(flows):
+            kind = "deposit" if mix == "deposit" or (i // users) % 2 == 0 else "redeem"
+            plan.append((i % users, kind))
+        results: list[tuple[str, str, float, float]] = []  # flow id, status, started, ended
+        errors: list[str] = []
+        lock = threading.Lock()
+        mode = "lock" if mix == "v1" else "deposit"
+
+        def one(user: int, kind: str) -> None:
+            client = clients[user]
+            path, amount = ("/api/deposits", 2) if kind == "deposit" else ("/api/redemptions", 1)
+            started = now_ms()
+            try:
+                flow_id = client.post(path, {"quantity": str(amount * 10**6), "mode": mode})["flow_id"]
+                status, ended = wait_flow(url, watcher, flow_id, timeout)
+                with lock:
+                    results.append((flow_id, status, started, ended))
+            except Exception as exc:  # reported, never hidden
+                with lock:
+                    errors.append(str(exc)[:200])
+
+        began = now_ms()
+        if rate:  # open loop: offered load of `rate` flows per second
+            threads = []
+            for n, (user, kind) in enumerate(plan):
+                delay = began / 1000 + n / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                t = threading.Thread(target=one, args=(user, kind), daemon=True)
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join(timeout + 5)
+        else:  # closed loop: `concurrency` clients, each one flow at a time, in plan order per user
+            def loop(user: int) -> None:
+                for u, kind in plan:
+                    if u == user:
+                        one(u, kind)
+
+            threads = [threading.Thread(target=loop, args=(u,), daemon=True) for u in range(users)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finished = max([r[3] for r in results], default=now_ms())
+        time.sleep(0.5)  # let the watcher receive the last hops
+        watcher.stopping.set()
+        watcher.join(5)
+
+        flow_ids = [r[0] for r in results]
+        connection.close()  # a fresh read of what the workers committed
+        messages = list(Message.objects.filter(pushed_for__in=flow_ids).values_list("msg_id", "status"))
+        settled = [m for m, s in messages if s != Message.PENDING]
+        pending = len(messages) - len(settled)
+        unended = Flow.objects.filter(id__in=flow_ids, status=Flow.PENDING).count()
+        missed_events = sum(1 for m in settled if m not in watcher.hops)
+        duplicated = sum(len(times) - 1 for m, times in watcher.hops.items() if len(times) > 1)
+        seconds = max(0.001, (finished - began) / 1000)
+        latencies = [r[3] - r[2] for r in results if r[1] != "pending"]
+        lags = [watcher.lags[m] for m in settled if m in watcher.lags]
+        statuses = Counter(r[1] for r in results)
+        return {
+            "backend": connection.vendor if connection.vendor != "postgresql" else "postgres",
+            "mode": settings.TIM3_MODE,
+            "workers": workers if settings.TIM3_MODE == "scaled" else 1,
+            "flows": len(results),
+            "hops": len(settled),
+            "seconds": round(seconds, 3),
+            "hops_per_s": round(len(settled) / seconds, 1),
+            "flows_per_s": round(len(results) / seconds, 1),
+            "flow_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                        "p99": percentile(latencies, 99)},
+            "ws_lag_ms": {"p50": percentile(lags, 50), "p99": percentile(lags, 99)},
+            "lost": pending + unended + missed_events + len(errors),
+            "duplicated": duplicated,
+            "statuses": dict(statuses),
+            "errors": errors[:5],
+            "offered_rate": rate,
+            "concurrency": concurrency,
+            "mean_flow_ms": round(statistics.fmean(latencies), 1) if latencies else 0.0,
+        }
+    finally:
+        if stack:
+            stack.stop()
