@@ -483,7 +483,7 @@ PAGE_SIZE = 25
 def message_table(request, qs):
     """Filter a message queryset by the request's action and status, and paginate it."""
     action, status = request.GET.get("action") or "", request.GET.get("status") or ""
-    actions = sorted(set(qs.values_list("action", flat=True).distinct()[:200]))
+    actions = sorted(set(qs.order_by().values_list("action", flat=True).distinct()[:200]))
     if action:
         qs = qs.filter(action=action)
     if status in (Message.PENDING, Message.APPLIED, Message.FAILED):

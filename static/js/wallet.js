@@ -23,6 +23,7 @@ export class Wallet {
     const faucet = $("form[data-faucet]");
     if (faucet) this.faucet = new FaucetForm(faucet, this);
     this.initTabs();
+    this.watchPendingHistory();
     document.addEventListener("tim3:health", (e) => {
       // What the coordinators hold in custody is what v2 redemptions can be paid from.
       if (e.detail.usda_held !== undefined) this.limits.payout_available = toBig(e.detail.usda_held);
@@ -56,6 +57,22 @@ export class Wallet {
       });
     });
     select(buttons.find((b) => b.getAttribute("aria-selected") === "true") || buttons[0]);
+  }
+
+  /** Flows still pending when the page was rendered (a reload mid-flow, or the no-JS path). */
+  watchPendingHistory() {
+    for (const row of $$('#history-body tr[data-flow]')) {
+      if (row.querySelector('[data-status="pending"]')) {
+        watchFlow(row.dataset.flow, {
+          onHop: () => {},
+          onEnd: (status, error) => {
+            this.updateHistoryRow(row.dataset.flow, status, error);
+            this.refreshBalances();
+            this.onFlowEnded({ flowId: row.dataset.flow, status });
+          },
+        });
+      }
+    }
   }
 
   setPaused(p) {
