@@ -1,13 +1,36 @@
 """Celery tasks: thin doorbells around the engine's delivery functions."""
 
 import logging
+import time
 
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
-from processes.runtime.delivery import drain_mailbox, record_drain_failure, sweep_mailboxes
+from processes.runtime.delivery import (
+    collecting_doorbells,
+    drain_mailbox,
+    record_drain_failure,
+    ring_doorbells,
+    sweep_mailboxes,
+)
 
 log = logging.getLogger(__name__)
+
+
+def follow_cascade(rung: set[str], *, seconds: float) -> None:
+    """Drain the processes the last drain woke, and those they wake, for a short
+    while; ring the rest. Any failure is left to a real task (retries, dead letters)."""
+    deadline = time.monotonic() + seconds
+    while rung and time.monotonic() < deadline:
+        process_id = rung.pop()
+        try:
+            drain_mailbox(process_id=process_id)
+        except Exception:
+            log.warning("following the cascade into %s failed; ringing its doorbell", process_id, exc_info=True)
+            close_old_connections()
+            rung.add(process_id)
+            break
 
 
 @shared_task(bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
@@ -15,7 +38,11 @@ def drain(self, process_id: str, isolate: bool = False) -> int:
     """Apply `process_id`'s pending messages. Duplicate and late calls are no-ops."""
     close_old_connections()
     try:
-        return drain_mailbox(process_id=process_id, batch_size=1 if isolate else None)
+        with collecting_doorbells() as rung:
+            applied = drain_mailbox(process_id=process_id, batch_size=1 if isolate else None)
+            follow_cascade(rung, seconds=settings.TIM3_FOLLOW_SECONDS)
+        ring_doorbells(rung)
+        return applied
     except (OperationalError, InterfaceError) as exc:  # transient (lost connection, deadlock, lock timeout): nothing applied
         # Not DataError/IntegrityError/ProgrammingError: those repeat on every try, so they
         # go below, where they count toward dead-lettering instead of blocking the mailbox forever.

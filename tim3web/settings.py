@@ -102,6 +102,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+WHITENOISE_USE_FINDERS = True  # serve static/ without a collectstatic step
 
 # --- cache: rate-limit counters (shared by every web process in scaled mode) ---
 if REDIS_URL:
@@ -146,6 +148,8 @@ else:
 # "none" leaves it to whoever drains (tests that drive delivery by hand).
 TIM3_DOORBELL = os.environ.get("TIM3_DOORBELL", "celery")
 TIM3_DRAIN_BATCH = int(os.environ.get("TIM3_DRAIN_BATCH", "200"))
+# A worker follows the cascade it started for this long before handing the rest to the broker.
+TIM3_FOLLOW_SECONDS = float(os.environ.get("TIM3_FOLLOW_SECONDS", "0.25"))
 TIM3_MAX_ATTEMPTS = int(os.environ.get("TIM3_MAX_ATTEMPTS", "5"))
 TIM3_SWEEP_AFTER_MS = int(os.environ.get("TIM3_SWEEP_AFTER_MS", "2000"))
 

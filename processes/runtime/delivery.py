@@ -9,6 +9,8 @@
 """
 
 import logging
+import threading
+from contextlib import contextmanager
 from functools import partial
 
 from django.conf import settings
@@ -27,10 +29,31 @@ log = logging.getLogger(__name__)
 
 # --- doorbell -------------------------------------------------------------------
 
+_local = threading.local()
+
+
+@contextmanager
+def collecting_doorbells():
+    """Inside a worker's drain: collect the doorbells instead of enqueueing them,
+    so the worker can follow the cascade itself (no broker round trip per hop).
+    Whatever it does not get to is rung for real afterwards; if it dies first,
+    the sweeper rings them (the messages are safe in the database)."""
+    previous = getattr(_local, "collector", None)
+    _local.collector = collected = set()
+    try:
+        yield collected
+    finally:
+        _local.collector = previous
+
+
 def ring_doorbells(process_ids) -> None:
     """Wake the drainers of these processes (called after commit)."""
     process_ids = sorted(set(process_ids))
     if not process_ids or settings.TIM3_DOORBELL == "none":
+        return
+    collector = getattr(_local, "collector", None)
+    if collector is not None:
+        collector.update(process_ids)
         return
     from processes.tasks import drain  # the Celery task; imported late to keep the engine free of it
 
