@@ -296,7 +296,7 @@ def test_pause_mint_shows_banner_disables_deposit_keeps_redeem(funded, alice_cli
     run_until_idle()
     assert balance(address, "tim3") == 40 * UNIT
     home = alice_client.get("/").content.decode()
-    assert "Minting paused" in home and "Auditing the custody account" in home
+    assert "Mint paused" in home and "Auditing the custody account" in home
 
 
 # --- flows and the explorer -------------------------------------------------------------

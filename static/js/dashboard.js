@@ -48,7 +48,7 @@ function render(root, h) {
   const p = h.paused || {};
   const paused = $('[data-stat="paused"]', root);
   if (paused) {
-    const [dot, text] = p.mint && p.redeem ? ["red", "Paused"] : p.mint ? ["amber", "Minting paused"]
+    const [dot, text] = p.mint && p.redeem ? ["red", "Paused"] : p.mint ? ["amber", "Mint paused"]
       : p.redeem ? ["amber", "Redeem paused"] : ["green", "Operational"];
     const html = `<span class="dot dot-${dot}"></span>${text}`;
     if (paused.innerHTML !== html) paused.innerHTML = html;

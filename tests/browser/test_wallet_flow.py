@@ -256,6 +256,7 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     phone_shots(browser, state, base, screenshots, watch, [
         ("home", "/"), ("wallet", "/wallet"), ("flow-timeline", f"/flows/{deposit_flow}"), ("explorer", "/explorer"),
         ("explorer-process", "/explorer/processes/usda"), ("explorer-message", f"/explorer/messages/{deposit_flow}"),
+        ("explorer-address", f"/explorer?q={username}"),
     ])
     phone_shots(browser, None, base, screenshots, watch, [("home-anonymous", "/"), ("signup", "/signup"),
                                                           ("login", "/login")])
