@@ -18,6 +18,7 @@ from tim3web.serializers import message_to_dict
 log = logging.getLogger(__name__)
 ALL_HOPS = "hops"
 _server_loop: asyncio.AbstractEventLoop | None = None
+_send_lock: asyncio.Lock | None = None  # the server loop's: one publish's events at a time, in publish order
 
 
 def flow_group(flow_id: str) -> str:
@@ -25,8 +26,9 @@ def flow_group(flow_id: str) -> str:
 
 
 def remember_server_loop(loop: asyncio.AbstractEventLoop) -> None:
-    global _server_loop
-    _server_loop = loop
+    global _server_loop, _send_lock
+    if loop is not _server_loop or _send_lock is None:
+        _server_loop, _send_lock = loop, asyncio.Lock()
 
 
 def hop_events(messages) -> list[tuple[str, dict]]:
@@ -39,9 +41,16 @@ def hop_events(messages) -> list[tuple[str, dict]]:
     return events
 
 
-async def _send_all(layer, events) -> None:
-    for group, event in events:
-        await layer.group_send(group, {"type": "tim3.event", "event": event})
+async def _send_all(layer, events, lock: asyncio.Lock | None = None) -> None:
+    if lock is None:
+        for group, event in events:
+            await layer.group_send(group, {"type": "tim3.event", "event": event})
+        return
+    # In-memory layer: each publish is its own task in the server loop, and group_send
+    # yields, so without the lock a later publish (a flow's end) could overtake an
+    # earlier one (its last hops). Tasks start in publish order; the lock is FIFO.
+    async with lock:
+        await _send_all(layer, events)
 
 
 def publish(events: list[tuple[str, dict]]) -> None:
@@ -50,13 +59,13 @@ def publish(events: list[tuple[str, dict]]) -> None:
         return
     try:
         if settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer"):
-            loop = _server_loop
+            loop, lock = _server_loop, _send_lock
             if loop is None or loop.is_closed():
                 return  # no server in this process: nobody can be watching
             if _running_loop() is loop:
-                loop.create_task(_send_all(layer, events))
+                loop.create_task(_send_all(layer, events, lock))
             else:
-                asyncio.run_coroutine_threadsafe(_send_all(layer, events), loop)
+                asyncio.run_coroutine_threadsafe(_send_all(layer, events, lock), loop)
         else:
             async_to_sync(_send_all)(layer, events)
     except Exception:  # never let a watcher problem touch delivery

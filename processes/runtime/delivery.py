@@ -255,8 +255,10 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
         if len(pending) == batch_size:
             wake.add(process.id)  # more may be waiting
         settled = pending + [row for row in outgoing if row.status != Message.PENDING]
-        messages_applied.send(sender=Message, messages=settled)
+        # Registered first so, after commit, a batch's hop events go out before the
+        # `flows_ended` its receivers (track_flows) register: a flow's end follows its last hop.
         transaction.on_commit(partial(_after_commit, settled, wake))
+        messages_applied.send(sender=Message, messages=settled)
     return len(pending)
 
 
@@ -288,8 +290,8 @@ def record_drain_failure(*, process_id: str, error: str) -> Message | None:
         process.save(update_fields=["next_slot", "next_reference"])
         wake = {c.target for c in children if c.status == Message.PENDING} | {process.id}
         settled = [head, *[c for c in children if c.status != Message.PENDING]]
+        transaction.on_commit(partial(_after_commit, settled, wake))  # before flows_ended (see drain_mailbox)
         messages_applied.send(sender=Message, messages=settled)
-        transaction.on_commit(partial(_after_commit, settled, wake))
         return head
 
 
