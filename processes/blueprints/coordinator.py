@@ -303,6 +303,20 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
             ctx.note(operation=op.op_id, stuck=error)
 
 
+def awaited_target(msg, op: Operation) -> str | None:
+    """The process `op`'s awaited request went to, if that request arrived before `msg`.
+
+    Handlers must see the message log as replay will: a request sent by an earlier
+    message of the same drain batch is not written yet when `msg` is handled live,
+    but it is on replay. Such a request always arrived after `msg` (its batch was
+    already queued), so looking only at older messages gives both the same answer.
+    A genuine answer is always younger than the request it answers.
+    """
+    if not op.awaiting:
+        return None
+    return Message.objects.filter(msg_id=op.awaiting, seq__lt=msg.seq).values_list("target", flat=True).first()
+
+
 def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[CoordinatorState, Operation | None]:
     """The pending operation this reply answers (by X-Operation-Id), checking who sent it.
 
@@ -314,9 +328,7 @@ def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[Coordin
     c = config(ctx)
     op_id = msg.get("X-Operation-Id")
     op = Operation.objects.filter(process=ctx.process, op_id=op_id or "").first()
-    asked = None
-    if op is not None and op.status == Operation.PENDING and op.awaiting:
-        asked = Message.objects.filter(msg_id=op.awaiting).values_list("target", flat=True).first()
+    asked = awaited_target(msg, op) if op is not None and op.status == Operation.PENDING else None
     if not asked or msg.sender != asked:
         require_from(msg, getattr(c, expected_from), name)
     if op is None:
@@ -586,9 +598,9 @@ def cleanup_expired(msg, ctx):
         step__startswith="stuck-")
     count = 0
     for op in expired.order_by("updated_at", "op_id")[:100]:
-        awaited = Message.objects.filter(msg_id=op.awaiting).values_list("target", flat=True).first()
+        awaited = awaited_target(msg, op)
         if not awaited:
-            continue
+            continue  # sent after this tick was scheduled: the next tick looks at it
         op.expiring = True
         op.save()
         ctx.send(target=awaited, tags={"Action": "Message-Status", "Message-Id": op.awaiting,
@@ -604,7 +616,7 @@ def on_message_status(msg, ctx):
                                   status=Operation.PENDING, expiring=True).first()
     if op is None or op.awaiting != msg.get("Message-Id"):
         return  # answered in the meantime
-    awaited = Message.objects.filter(msg_id=op.awaiting).values_list("target", flat=True).first()
+    awaited = awaited_target(msg, op)
     if msg.sender != awaited:
         raise HandlerError("Message-Status-Response is accepted only from the process that was asked.")
     if msg.get("Status") == "applied" and msg.get("Handled") == "true":
