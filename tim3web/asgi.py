@@ -8,9 +8,10 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
+from tim3web.limits import LimitConcurrency  # noqa: E402
 from tim3web.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": django_asgi_app,
+    "http": LimitConcurrency(django_asgi_app),  # at most TIM3_HTTP_CONCURRENCY requests (and DB connections) at once
     "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
 })

@@ -137,8 +137,16 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- channels: hop events -----------------------------------------------------
 if REDIS_URL:
+    # socket_timeout None: redis-py 8 reads time out after 5 s by default, which races channels_redis's
+    # 5 s blocking BZPOPMIN, so every idle websocket was closed with 1011 every few seconds.
+    # max_connections: redis-py 8 caps a pool at 100 connections (it was unbounded), and each socket's
+    # group_add / receive takes one: the 100th simultaneous websocket handshake failed with HTTP 500.
+    # capacity: events queued per Daphne process (one Redis key for all its sockets) and per socket
+    # before channels_redis silently drops them; the default 100 lost hops under load (tests/load).
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                    "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "max_connections": 10_000}],
+                               "capacity": int(os.environ.get("TIM3_WS_CAPACITY", "5000")), "expiry": 120}}
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
