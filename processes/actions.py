@@ -5,6 +5,8 @@ sends messages from the acting user's own wallet (or, for configuration, from
 the operator wallet after the caller checked the admin's permission).
 """
 
+import re
+
 from django.db import transaction
 from django.utils import timezone
 
@@ -19,6 +21,9 @@ from processes.services import active_coordinator, coordinators, operator_addres
 
 MODES = ("deposit", "lock")  # deposit = v2 custody, lock = v1 collateral
 SCOPES = ("mint", "redeem", "all")
+# What a pause reason (shown to every user) must not contain once its whitespace is
+# folded: control characters, text-direction overrides and isolates, lone surrogates.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 class ActionError(ValueError):
@@ -103,9 +108,12 @@ def request_pause(*, wallet: str, scope: str, reason: str, role: str) -> list[Fl
     """Pause every coordinator. `role` is what the caller checked: "admin" or "guardian"."""
     if scope not in SCOPES:
         raise ActionError("scope must be mint, redeem or all.", code="invalid_scope")
-    reason = (reason or "").strip()
+    reason = " ".join((reason or "").split())  # a textarea's line breaks and tabs become spaces
     if not reason:
         raise ActionError("A pause needs a reason.", code="reason_required")
+    if _UNSAFE_TEXT.search(reason):
+        raise ActionError("The reason must be plain text: no control characters or text-direction overrides.",
+                          code="invalid_reason")
     if len(reason) > 500:
         raise ActionError("The reason must be at most 500 characters.", code="reason_too_long")
     with transaction.atomic():

@@ -26,7 +26,8 @@ def operator_address() -> str:
 
 def resolve_process(name_or_id: str) -> Process:
     """A process by name or id (every command that takes `<process>`)."""
-    process = Process.objects.filter(Q(name=name_or_id) | Q(id=name_or_id)).first()
+    # No name or id holds a NUL, and Postgres cannot even compare a text column with one.
+    process = Process.objects.filter(Q(name=name_or_id) | Q(id=name_or_id)).first() if "\x00" not in name_or_id else None
     if process is None:
         raise LookupError(f"No process named or with id {name_or_id!r}. Run `manage.py bootstrap` first?")
     return process

@@ -13,13 +13,14 @@ refused as an unknown field.
 Every error, whatever raised it, is `{"error": "<sentence>", "code":
 "<snake_case>"}` with a 4xx status, and nothing changes on error: input
 errors are 400 (`invalid_<field>`, `unknown_field`, `invalid_json`,
-`invalid_quantity`, ...), 401 `authentication_required` / `invalid_token` /
+`invalid_quantity`, `duplicate_field`, ...), 401 `authentication_required` / `invalid_token` /
 `token_expired`, 403 `forbidden` / `csrf_failed` / `faucet_disabled`, 404
 `not_found`, 405 `method_not_allowed`, 409 `username_taken`, 422
 `idempotency_key_reused`, 429 `rate_limited`.
 """
 
 import functools
+import json
 import logging
 import re
 from datetime import datetime
@@ -33,6 +34,7 @@ from django.http import Http404, HttpResponseNotAllowed, JsonResponse
 from django.urls import re_path
 from ninja import Field, NinjaAPI, Query, Schema, Status
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
+from ninja.parser import Parser
 from pydantic import AfterValidator, ConfigDict
 
 from processes.actions import (
@@ -265,12 +267,29 @@ class Tim3Api(NinjaAPI):
         return [*urls, re_path(r"^.*$", _not_found, name="not-found")]
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose names are unique: {"quantity": "0", "quantity": "5"} is ambiguous (which one
+    did a proxy or a log look at?), so it is refused instead of silently taking the last."""
+    result = {}
+    for name, value in pairs:
+        if name in result:
+            raise ApiError(400, "duplicate_field", f"Field {name[:64]!r} appears more than once in the body.")
+        result[name] = value
+    return result
+
+
+class StrictJsonParser(Parser):
+    def parse_body(self, request):
+        return json.loads(request.body, object_pairs_hook=_unique_keys)
+
+
 api = Tim3Api(
     title="TIM3 API",
     version="1",
     description=__doc__,
     urls_namespace="api",
     auth=AUTH,
+    parser=StrictJsonParser(),
 )
 
 
@@ -310,6 +329,8 @@ HTTP_CODES = {400: "bad_request", 401: "authentication_required", 403: "forbidde
 
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
+    if isinstance(exc.__cause__, ApiError):  # the parser's own refusal, e.g. duplicate_field
+        return _api_error(request, exc.__cause__)
     if exc.status_code == 400 and str(exc).startswith("Cannot parse request body"):
         return _error(request, 400, "invalid_json", "The request body is not valid JSON.")
     status = exc.status_code

@@ -25,3 +25,10 @@ class FlowConsumer(AsyncWebsocketConsumer):
 
     async def tim3_event(self, message):
         await self.send(json.dumps(message["event"]))
+
+
+class NoSuchStream(AsyncWebsocketConsumer):
+    """Any other websocket path (a malformed flow id, say): refused at the handshake, not a traceback."""
+
+    async def connect(self):
+        await self.close(code=4404)

@@ -175,7 +175,7 @@ class LimitsForm(forms.Form):
                     values[name] = parse_token_amount(text)
                 except QuantityError as exc:
                     self.add_error(name, str(exc))
-            elif text.isdigit() and int(text) > 0:
+            elif text.isascii() and text.isdigit() and int(text) > 0:  # str.isdigit() alone takes "²", which int() refuses
                 values[name] = int(text)
             else:
                 self.add_error(name, "Enter a whole number above zero.")

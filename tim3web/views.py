@@ -50,7 +50,7 @@ from processes.blueprints.state import (
     TokenState,
 )
 from processes.flows import Flow
-from processes.runtime.ids import now_ms
+from processes.runtime.ids import is_id, now_ms
 from processes.runtime.models import Message, Process, Wallet
 from processes.runtime.quantities import DENOMINATION, format_units
 from processes.services import activate_coordinator, active_coordinator, coordinators, rollback_coordinator, spawn_coordinator
@@ -758,7 +758,8 @@ def ops_coordinator(request, verb: str):
             p = spawn_coordinator()
             message = f"Spawned {p.name} (v{p.version}); activate it when ready."
         elif verb == "activate":
-            p = activate_coordinator(process=get_object_or_404(Process, pk=request.POST.get("process", "")))
+            process_id = request.POST.get("process", "")  # not a query with a NUL in it (Postgres: a 500)
+            p = activate_coordinator(process=get_object_or_404(Process, pk=process_id if is_id(process_id) else None))
             message = f"{p.name} (v{p.version}) is now the active coordinator."
         elif verb == "rollback":
             p = rollback_coordinator()
@@ -775,6 +776,8 @@ def ops_coordinator(request, verb: str):
 @staff_required
 @require_POST
 def ops_system_check(request):
+    if not request.user.is_superuser:  # the check pauses and resumes minting on the live system
+        return forbidden(request, "Only an admin may run the system check: it pauses and resumes minting.")
     if not integration_suite_available():
         return ops_error(request, "The system check (manage.py integration_suite) is not available in this build.")
     with _check_lock:

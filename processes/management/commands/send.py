@@ -1,7 +1,11 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from processes.runtime.quantities import QuantityError, parse_quantity
 from processes.runtime.tags import TagError
 from processes.services import resolve_process, send_from_operator, wait_for_cascade
+
+# Tags every handler reads as a quantity: refused here, before anything is sent (SPEC §2).
+QUANTITY_TAGS = ("Quantity", "Amount", "CollateralAmount")
 
 
 class Command(BaseCommand):
@@ -24,6 +28,12 @@ class Command(BaseCommand):
             if name in parsed:
                 raise CommandError(f"Tag {name!r} is given twice.")
             parsed[name] = value
+        for name in QUANTITY_TAGS:
+            if name in parsed:
+                try:
+                    parse_quantity(parsed[name], name=name)
+                except QuantityError as exc:
+                    raise CommandError(f"{exc} Nothing was sent.") from exc
         try:
             target = resolve_process(process)
             msg = send_from_operator(process=target, action=action, tags=parsed, data=data)
