@@ -17,8 +17,10 @@ import threading
 import time
 from collections import Counter, defaultdict
 from functools import partial
+from io import StringIO
 
 import pytest
+from django.core.management import call_command
 from django.db import connections
 
 from processes import actions
@@ -29,8 +31,7 @@ from processes.runtime.ids import new_id
 from processes.runtime.models import Message
 from processes.runtime.quantities import UNIT
 from processes.services import bootstrap_system
-from tests.scaled.stack import ROOT, wait_until_idle
-from tests.scaled.test_scaled_engine import drains_run, report, verify_clean
+from tests.scaled.stack import ROOT, TIMING, wait_until_idle
 from tests.test_flows import (
     BURN_HOPS,
     LOCK_MINT_HOPS,
@@ -53,6 +54,29 @@ U = UNIT
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+def report(request, text: str) -> None:
+    """A figure worth seeing in the run's output (the TIM3 timings section), not an assertion."""
+    request.node.user_properties.append((TIMING, text))
+
+
+def verify_clean() -> None:
+    """`manage.py verify`: every invariant, and the message log replays to the live state."""
+    out = StringIO()
+    try:
+        call_command("verify", stdout=out)
+    except SystemExit:
+        pytest.fail("manage.py verify found problems:\n" + out.getvalue())
+    assert "verify: clean" in out.getvalue()
+
+
+def drains_run(scaled, services) -> dict[str, int]:
+    """How many drain tasks each worker ran (Celery's own counters)."""
+    from tim3web.celery import app
+
+    stats = app.control.inspect(destination=[s.nodename for s in services], timeout=5).stats() or {}
+    return {node: s.get("total", {}).get("processes.tasks.drain", 0) for node, s in stats.items()}
+
 
 def wait_flows(flows: list[Flow], scaled, *, timeout: float = 120.0) -> list[Flow]:
     """Wait until the workers ended these flows and nothing at all is in flight; return them fresh."""
