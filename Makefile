@@ -32,9 +32,11 @@ browser:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Unit tests once more on SQLite (embedded mode's database): exact integers there too.
+# The money core once more on SQLite (embedded mode's database): exact integers there too.
+SQLITE_TESTS ?= tests/test_engine.py tests/test_quantities.py tests/test_token.py tests/test_flows.py \
+	tests/test_verify.py tests/test_drain_task.py tests/test_authority.py tests/test_websocket.py
 test-sqlite: setup
-	env -u DATABASE_URL -u REDIS_URL TIM3_VAR_DIR=$(CURDIR)/var/test-sqlite $(VENV)/bin/pytest -m "not scaled and not browser and not embedded" -q
+	env -u DATABASE_URL -u REDIS_URL TIM3_VAR_DIR=$(CURDIR)/var/test-sqlite $(VENV)/bin/pytest -q $(SQLITE_TESTS)
 
 test-postgres: setup services browser
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q

@@ -1,6 +1,11 @@
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tim3web.settings")
+# Under ASGI every request runs its sync code in a thread of its own, so a persistent
+# database connection (CONN_MAX_AGE > 0) is never reused: it stays open until garbage
+# collection. Under load Daphne held ~90 idle connections and Postgres refused
+# everyone else ("too many clients"), workers included. Django's advice: 0 under ASGI.
+os.environ.setdefault("DB_CONN_MAX_AGE", "0")
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
