@@ -8,7 +8,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/tim3
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test setup services browser lint test-sqlite test-postgres
+.PHONY: run test setup services browser lint test-sqlite test-postgres reliability
 
 run: setup
 	$(PY) manage.py migrate --noinput
@@ -42,3 +42,14 @@ test-postgres: setup services browser
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q
 
 test: lint test-sqlite test-postgres
+
+# docs/reliability.md in one command: the fault-injection suite and every other test that
+# writes figures to test-artifacts/reliability/ (found by grep), then the report from them.
+# Exits non-zero if a producer failed (the report still shows what it found).
+RELIABILITY_TESTS ?= tests/faults $(filter-out tests/faults/%,$(shell grep -rlE --include='test_*.py' 'test-artifacts.*reliability|"reliability"' tests | sort))
+
+reliability: setup services
+	@status=0; \
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(VENV)/bin/pytest -q $(RELIABILITY_TESTS) || status=$$?; \
+	$(PY) scripts/reliability_report.py || [ $$status -ne 0 ] || status=1; \
+	exit $$status

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import partial
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 
 from processes.runtime.context import Context, Outgoing
 from processes.runtime.handlers import HandlerError
@@ -166,6 +166,11 @@ def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None
 
     A handler that raises leaves no trace but the error (its savepoint is rolled
     back and its outbox discarded). Shared by delivery and replay.
+
+    Except the database's own trouble (OperationalError, InterfaceError: a lost
+    connection, a lock or statement timeout, a deadlock or serialization
+    victim): that is not the message's failure and would not happen on replay,
+    so it propagates, the whole drain rolls back and the task retries it.
     """
     ctx = Context(process=process, msg=msg, batch=batch if batch is not None else {})
     handler = blueprint.handlers.match(msg)
@@ -174,6 +179,8 @@ def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None
     try:
         with transaction.atomic():
             handler.handle(msg, ctx)
+    except (OperationalError, InterfaceError):
+        raise
     except Exception as exc:  # noqa: BLE001 - any handler failure is the message's failure
         error = _describe(exc)
         if not isinstance(exc, (HandlerError, ValueError, LookupError)):

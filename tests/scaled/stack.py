@@ -3,12 +3,16 @@
 test Redis db, and helpers to wait for the engine to be idle."""
 
 import os
+import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -24,6 +28,43 @@ def orphan_guard() -> list[str]:
     so no worker outlives the run holding the test database open."""
     setpriv = shutil.which("setpriv")  # util-linux
     return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
+_spawn_requests: queue.Queue = queue.Queue()
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn_loop() -> None:
+    while True:
+        args, kwargs, box, done = _spawn_requests.get()
+        try:
+            box.append(subprocess.Popen(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box.append(exc)
+        done.set()
+
+
+def guarded_popen(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, always from a thread that lives as long as pytest.
+
+    PR_SET_PDEATHSIG (orphan_guard) fires when the *thread* that started the
+    child exits, not the process: a worker started by a short-lived thread (the
+    fault injector) would get SIGTERM the moment that thread ended.
+    """
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = threading.Thread(target=_spawn_loop, name="tim3-spawner", daemon=True)
+            _spawner.start()
+    box, done = [], threading.Event()
+    _spawn_requests.put((args, kwargs, box, done))
+    done.wait()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
 
 
 def scaled_env_problem() -> str | None:
@@ -51,16 +92,108 @@ def worker_database_url() -> str:
     return f"postgres://{auth + '@' if auth else ''}{host}{port}/{quote(s['NAME'], safe='')}"
 
 
-def purge_broker() -> None:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def purge_broker(redis_url: str | None = None) -> None:
     """Empty the Celery queue of the test Redis db, including tasks a killed worker left unacked."""
     import redis
 
     from tim3web.celery import app
 
     app.control.purge()
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client = redis.Redis.from_url(redis_url or os.environ["REDIS_URL"])
     client.delete("celery", "unacked", "unacked_index", "unacked_mutex")
     client.close()
+
+
+def reset_broker_connections() -> None:
+    """Forget this process's pooled broker connections (after the broker restarted they are dead)."""
+    from kombu import pools
+
+    from tim3web.celery import app
+
+    pools.reset()  # closes every pooled connection and forgets the pools (they are shared by URL)
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+@contextmanager
+def celery_broker(url: str):
+    """Point this (the test) process's Celery app at another broker for a while:
+    doorbells it rings, pings and purges go there."""
+    from tim3web.celery import app
+
+    def switch(to: str) -> None:
+        reset_broker_connections()
+        app.conf.broker_url = to
+
+    previous = app.conf.broker_url
+    switch(url)
+    try:
+        yield app
+    finally:
+        switch(previous)
+
+
+class RedisServer:
+    """A private `redis-server` (no persistence) on a free port, that a test may
+    shut down (`SHUTDOWN NOSAVE`: everything queued is lost) and start again on
+    the same port, without disturbing the machine's shared Redis."""
+
+    def __init__(self, *, log_dir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = log_dir / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.popen: subprocess.Popen | None = None
+        self.restarts = 0
+
+    @staticmethod
+    def available() -> bool:
+        return bool(shutil.which("redis-server") and shutil.which("redis-cli"))
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def ping(self) -> bool:
+        result = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "ping"],
+                                capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+        return result.stdout.strip() == "PONG"
+
+    def start(self, *, timeout: float = 20.0) -> None:
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), "--daemonize", "no"]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.popen = guarded_popen(orphan_guard() + argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.popen.poll() is not None:
+                pytest.fail(f"redis-server exited with {self.popen.returncode}: {(self.dir / 'redis.log').read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server on port {self.port} did not answer within {timeout}s")
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """`redis-cli shutdown nosave`: the server exits and forgets everything it held."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "shutdown", "nosave"],
+                       capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+    def restart(self, *, down_for: float = 0.0) -> None:
+        self.shutdown()
+        time.sleep(down_for)
+        self.start()
+        self.restarts += 1
 
 
 @dataclass
@@ -73,6 +206,7 @@ class Service:
     log_path: Path
     env: dict = field(repr=False)
     extra_env: dict = field(default_factory=dict)
+    url: str = ""  # a web service's base URL
 
     @property
     def nodename(self) -> str:
@@ -96,8 +230,9 @@ class Service:
 class Scaled:
     """Starts, kills and restarts real Celery processes pointed at the test database."""
 
-    def __init__(self, *, log_dir: Path):
+    def __init__(self, *, log_dir: Path, redis_url: str | None = None):
         self.log_dir = log_dir
+        self.redis_url = redis_url or os.environ["REDIS_URL"]
         self.run = uuid.uuid4().hex[:6]
         self.services: list[Service] = []
         self.base_env = self._base_env()
@@ -106,7 +241,7 @@ class Scaled:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TIM3_", "PYTEST_"))}
         env.update(
             DATABASE_URL=worker_database_url(),
-            REDIS_URL=os.environ["REDIS_URL"],
+            REDIS_URL=self.redis_url,
             DJANGO_SETTINGS_MODULE="tim3web.settings",
             TIM3_DOORBELL="celery",
             TIM3_VAR_DIR=str(self.log_dir / "var"),
@@ -145,9 +280,16 @@ class Scaled:
             if not service.alive():
                 pytest.fail(f"worker {service.name} exited with {service.popen.returncode}:\n{service.log_tail()}")
             # A solo worker answers between tasks, so a busy one answers late: keep asking.
-            if app.control.ping(destination=[service.nodename], timeout=0.5):
-                return
-        pytest.fail(f"worker {service.name} did not answer a ping within {timeout}s:\n{service.log_tail()}")
+            try:
+                if app.control.ping(destination=[service.nodename], timeout=0.5):
+                    return
+            except Exception:  # noqa: BLE001 - the broker restarted under our pooled connection
+                reset_broker_connections()
+                time.sleep(0.2)
+        if service.alive():  # what is it doing? (Celery dumps every thread's stack on SIGUSR1)
+            service.popen.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+        pytest.fail(f"worker {service.name} did not answer a ping within {timeout}s:\n{service.log_tail(80)}")
 
     def kill(self, service: Service, sig: int = signal.SIGKILL) -> int:
         """Send `sig` to that one process (by its pid) and reap it."""
@@ -159,6 +301,38 @@ class Scaled:
         """Kill one worker and start a fresh one in its place (new node name, same settings)."""
         self.kill(service, sig)
         return self.start_worker(service.name.rsplit("-", 1)[0] + "r", **{**service.extra_env, **extra_env})
+
+    def workers(self, *, alive: bool = True) -> list[Service]:
+        return [s for s in self.services if s.kind == "worker" and (s.alive() or not alive)]
+
+    # --- web ------------------------------------------------------------------------
+
+    def start_web(self, *, settings_module: str | None = None, timeout: float = 60.0, **extra_env: str) -> Service:
+        """`daphne -b 127.0.0.1 -p <free> tim3web.asgi:application`, the same env as the workers;
+        waits until GET /api/health answers 200."""
+        import urllib.request
+
+        port = free_port()
+        name = f"web-{self.run}-{port}"
+        env = {**self.base_env, **{k: str(v) for k, v in extra_env.items()}, "PGAPPNAME": f"tim3-{name}"}
+        if settings_module:
+            env["DJANGO_SETTINGS_MODULE"] = settings_module
+        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tim3web.asgi:application"]
+        service = self._spawn(name, "web", argv, env)
+        service.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            if not service.alive():
+                pytest.fail(f"daphne exited with {service.popen.returncode}:\n{service.log_tail()}")
+            try:
+                with urllib.request.urlopen(service.url + "/api/health", timeout=5) as response:
+                    if response.status == 200:
+                        return service
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"daphne did not answer within {timeout}s:\n{service.log_tail()}")
+            time.sleep(0.2)
 
     # --- beat -----------------------------------------------------------------------
 
@@ -179,7 +353,7 @@ class Scaled:
     def _spawn(self, name: str, kind: str, argv: list[str], env: dict) -> Service:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
+            popen = guarded_popen(
                 orphan_guard() + argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C of pytest does not reach it; we stop it ourselves
             )
@@ -216,11 +390,11 @@ def pending_count() -> int:
     return Message.objects.filter(status=Message.PENDING).count()
 
 
-def broker_backlog() -> int:
+def broker_backlog(redis_url: str | None = None) -> int:
     """Doorbells queued in Redis or delivered to a worker and not yet acknowledged."""
     import redis
 
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client = redis.Redis.from_url(redis_url or os.environ["REDIS_URL"])
     try:
         return client.llen("celery") + client.hlen("unacked")
     finally:
@@ -245,7 +419,7 @@ def wait_until_idle(
     last_sweep = start
     while True:
         pending = pending_count()
-        if pending == 0 and not (quiet_broker and broker_backlog()):
+        if pending == 0 and not (quiet_broker and broker_backlog(scaled.redis_url if scaled else None)):
             return time.monotonic() - start
         now = time.monotonic()
         if now - start > timeout:
@@ -253,7 +427,8 @@ def wait_until_idle(
                 Message.objects.filter(status=Message.PENDING).values_list("target", "action")[:10]
             )
             pytest.fail(
-                f"{pending} message(s) still pending, {broker_backlog()} doorbell(s) in Redis, "
+                f"{pending} message(s) still pending, "
+                f"{broker_backlog(scaled.redis_url if scaled else None)} doorbell(s) in Redis, "
                 f"after {timeout:.0f}s (e.g. {by_target}).\n"
                 + (scaled.logs() if scaled else "")
             )
@@ -263,3 +438,17 @@ def wait_until_idle(
             sweep.delay()
             last_sweep = now
         time.sleep(0.05)
+
+
+def verify_clean() -> None:
+    """`manage.py verify` (invariants + replay) must be clean."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    try:
+        call_command("verify", stdout=out)
+    except SystemExit:
+        pytest.fail("manage.py verify found problems:\n" + out.getvalue())
+    assert "verify: clean" in out.getvalue()

@@ -9,10 +9,8 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from io import StringIO
 
 import pytest
-from django.core.management import call_command
 from django.db import connection, connections
 
 from processes.blueprints.state import TokenAccount, TokenState
@@ -22,7 +20,7 @@ from processes.runtime.models import Message, Process
 from processes.runtime.quantities import UNIT
 from processes.services import bootstrap_system
 from processes.tasks import drain, sweep
-from tests.scaled.stack import TIMING, broker_backlog, pending_count, wait_until_idle
+from tests.scaled.stack import TIMING, broker_backlog, pending_count, verify_clean, wait_until_idle
 
 pytestmark = [pytest.mark.scaled, pytest.mark.django_db(transaction=True)]
 
@@ -138,15 +136,6 @@ def check_slots() -> None:
         assert None not in slots, f"{process.name}: a message has no slot"
         assert sorted(slots) == list(range(1, process.next_slot)), f"{process.name}: slots not gap-free"
         assert set(slots.values()) == {1}, f"{process.name}: a slot is used twice"
-
-
-def verify_clean() -> None:
-    out = StringIO()
-    try:
-        call_command("verify", stdout=out)
-    except SystemExit:
-        pytest.fail("manage.py verify found problems:\n" + out.getvalue())
-    assert "verify: clean" in out.getvalue()
 
 
 def drains_run(scaled, services) -> dict[str, int]:

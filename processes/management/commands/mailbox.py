@@ -30,4 +30,4 @@ class Command(BaseCommand):
         for op in ops:
             self.stdout.write(f"  {op.op_id} {op.kind} {op.quantity} step {op.step} "
                               f"{'(expiring) ' if op.expiring else ''}waiting {(now - op.updated_at) / 1000:.1f}s "
-                              f"{op.error[:80]}")
+                              f"flow {op.flow_id} {op.error[:80]}".rstrip())
