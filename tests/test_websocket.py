@@ -3,11 +3,13 @@
 The consumer runs in the test's event loop (WebsocketCommunicator); delivery
 runs the workers' drain (`run_until_idle`) in a worker thread, exactly as in
 embedded mode, so events reach the socket the production way: committed,
-`messages_settled` / `flows_ended` after commit, `events.publish`, channel
-layer, consumer. These tests use the in-memory layer on every backend (it is
-the one `make run` uses); the transaction=True database makes the commits real.
+`messages_settled` / `flows_ended` after commit, `events.publish`, the
+publisher in the server's loop, channel layer, the process's hub, socket.
+These tests use the in-memory layer on every backend (it is the one `make run`
+uses); the transaction=True database makes the commits real.
 """
 
+import asyncio
 import json
 
 import pytest
@@ -22,8 +24,9 @@ from processes.flows import Flow
 from processes.runtime.delivery import run_until_idle
 from processes.runtime.models import Message, Process
 from processes.runtime.quantities import UNIT
-from tim3web import events
+from tim3web import events, fanout
 from tim3web.asgi import application
+from tim3web.fanout import hub
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,9 +41,9 @@ WAIT = 5  # seconds for one event; they normally arrive in milliseconds
 def _memory_layer(settings):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     channel_layers.backends.clear()
-    events._server_loop = None  # the next consumer to connect remembers this test's loop
+    events._server = None  # the next consumer to connect starts a publisher in this test's loop
     yield
-    events._server_loop = None
+    events._server = None
     channel_layers.backends.clear()
 
 
@@ -152,6 +155,65 @@ async def test_deposit_hops_arrive_once_in_slot_order_then_the_flow_event(system
     assert all(e["flow"] == faucet.id for e in faucet_events)
     await one.disconnect()
     await everything.disconnect()
+
+
+# --- one stream, filtered per socket ----------------------------------------------------------
+
+FLOW_A, FLOW_B = "A" * 43, "B" * 43
+
+
+def hop(flow: str, n: int) -> dict:
+    return {"type": "hop", "flow": flow, "message": {"id": f"{flow[0]}{n}"}, "committed_at": n}
+
+
+def end(flow: str) -> dict:
+    return {"type": "flow", "flow": flow, "status": "completed", "error": None}
+
+
+async def test_a_flow_socket_gets_only_its_flow_in_order_with_the_end_last(monkeypatch):
+    everything, a, b = await watch(), await watch(f"/ws/flows/{FLOW_A}/"), await watch(f"/ws/flows/{FLOW_B}/")
+    layer = channel_layers["default"]
+    sends = []
+    group_send = layer.group_send
+
+    async def counted(group, message):
+        sends.append(len(message["events"]))
+        await group_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", counted)
+    drains = [[hop(FLOW_A, 1), hop(FLOW_B, 1), hop(FLOW_A, 2)], [hop(FLOW_B, 2), end(FLOW_B)],
+              [hop(FLOW_A, 3)], [end(FLOW_A)]]
+    for batch in drains:  # published from a worker thread, one call per drain, as delivery does
+        await in_thread(events.publish, batch)
+    published = [e for batch in drains for e in batch]
+
+    assert await receive(everything, len(published)) == published
+    assert await receive(a, 4) == [hop(FLOW_A, 1), hop(FLOW_A, 2), hop(FLOW_A, 3), end(FLOW_A)]
+    assert await receive(b, 3) == [hop(FLOW_B, 1), hop(FLOW_B, 2), end(FLOW_B)]
+    # One layer message per publish at most (coalesced when they queue up), and one member in
+    # one group: this process's hub. No socket has a channel or a flow group of its own.
+    assert 1 <= len(sends) <= len(drains) and sum(sends) == len(published)
+    assert list(layer.groups) == [events.ALL_HOPS] and len(layer.groups[events.ALL_HOPS]) == 1
+    for comm in (everything, a, b):
+        await comm.disconnect()
+
+    # Closed sockets are forgotten; a new one streams.
+    assert not hub().everything and not hub().by_flow
+    again = await watch()
+    await in_thread(events.publish, [hop(FLOW_B, 3)])
+    assert await receive(again, 1) == [hop(FLOW_B, 3)]
+    await again.disconnect()
+
+
+async def test_the_hub_joins_again_when_the_layer_forgot_its_group(monkeypatch):
+    # What a Redis restarted empty (or a day-old membership expiring) does to the hub.
+    monkeypatch.setattr(fanout, "REJOIN_SECONDS", 0.05)
+    comm = await watch()
+    channel_layers["default"].groups.clear()
+    await asyncio.sleep(0.2)
+    await in_thread(events.publish, [hop(FLOW_A, 1)])
+    assert await receive(comm, 1) == [hop(FLOW_A, 1)]
+    await comm.disconnect()
 
 
 # --- a failed hop ------------------------------------------------------------------------

@@ -1,39 +1,32 @@
-"""WebSocket /ws/flows/: every hop, as it is applied (CONTRACT)."""
+"""WebSocket /ws/flows/ and /ws/flows/<id>/: hops as they are applied, then the flow's end (CONTRACT)."""
 
 import asyncio
 import json
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from tim3web.events import ALL_HOPS, flow_group, remember_server_loop
+from tim3web.events import remember_server_loop
 from tim3web.fanout import hub
 
 
 class FlowConsumer(AsyncWebsocketConsumer):
+    # Events reach the socket through this process's hub (tim3web.fanout), never through a channel
+    # of its own: no channel layer here saves a channel and a receive loop on the layer per socket.
+    channel_layer_alias = None
+
     async def connect(self):
+        self.flow = self.scope["url_route"]["kwargs"].get("flow_id")  # None: every flow
         remember_server_loop(asyncio.get_running_loop())
-        flow = self.scope["url_route"]["kwargs"].get("flow_id")
-        self.group = flow_group(flow) if flow else ALL_HOPS
-        if self.group == ALL_HOPS:  # one receiver per process fans the busy stream out (tim3web.fanout)
-            await hub(ALL_HOPS).start()
-        else:
-            await self.channel_layer.group_add(self.group, self.channel_name)
+        await hub().start()
         await self.accept()
-        if self.group == ALL_HOPS:
-            hub(ALL_HOPS).sockets.add(self)
+        hub().add(self, self.flow)
 
     async def disconnect(self, code):
-        if self.group == ALL_HOPS:
-            hub(ALL_HOPS).leave(self)
-        else:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        hub().leave(self, self.flow)
 
     async def receive(self, text_data=None, bytes_data=None):
         # The stream is one-way; say so instead of silently dropping input.
         await self.send(json.dumps({"type": "error", "error": "This socket only streams events."}))
-
-    async def tim3_event(self, message):
-        await self.send(json.dumps(message["event"]))
 
 
 class NoSuchStream(AsyncWebsocketConsumer):

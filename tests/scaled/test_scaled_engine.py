@@ -292,9 +292,9 @@ def receive_hops(layer, channel, *, flow: str, actions: set[str], timeout: float
                 message = await asyncio.wait_for(layer.receive(channel), remaining)
             except TimeoutError:
                 break
-            event = message["event"]
-            if event["type"] == "hop" and event["flow"] == flow:
-                seen[event["message"]["action"]] = event["message"]
+            for event in message["events"]:  # one batch per publish (tim3web.events)
+                if event["type"] == "hop" and event["flow"] == flow:
+                    seen[event["message"]["action"]] = event["message"]
         return seen
 
     return async_to_sync(collect)()
