@@ -6,6 +6,7 @@ the message deciding it, so it is never out of step with the message log.
 """
 
 from django.db import models, transaction
+from django.db.models import Q
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -45,7 +46,10 @@ class Flow(models.Model):
 
 def start_flow(*, user: str, target: str, kind: str, tags: dict, mode: str = "", quantity: int | None = None) -> Flow:
     """Send the user's first message and open its flow, in one transaction."""
-    with transaction.atomic():
+    # No savepoint inside a caller's transaction (the API's): two round trips per request.
+    # An error in here marks the caller's transaction for rollback instead of rolling back
+    # to a savepoint; every caller lets it propagate, and the rollback undoes both rows.
+    with transaction.atomic(savepoint=False):
         msg = send_message(sender=user, target=target, tags=tags)
         return Flow.objects.create(id=msg.msg_id, kind=kind, mode=mode, user=user, target=target, quantity=quantity)
 
@@ -67,30 +71,42 @@ def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:
     return None
 
 
-def _flow_id(msg: Message) -> str:
-    """The flow a message belongs to: its cascade's root (Pushed-For), except for a
-    coordinator's final word sent from another cascade. A timed-out operation is
+def _may_decide(msg: Message) -> bool:
+    """Cheap filter before any query: every decision is a message delivered to a
+    wallet (slot None) of a deciding kind, or a flow's first message failing."""
+    if msg.status == Message.FAILED:
+        return msg.msg_id == msg.pushed_for
+    return msg.slot is None and msg.status == Message.APPLIED and bool(
+        msg.get("Flow-Status") or msg.action.endswith("-Response") or msg.action == "Debit-Notice")
+
+
+def _flow_ids(messages: list[Message]) -> dict[str, str]:
+    """The flow each message belongs to: its cascade's root (Pushed-For), except for
+    a coordinator's final word sent from another cascade. A timed-out operation is
     compensated in the cascade of the `CleanupExpired` tick, so its
     `Deposit-Refunded` (etc.) has that tick as Pushed-For; the operation it names
-    (`Operation-Id`, looked up in the sending coordinator) knows the user's flow."""
-    op_id = msg.get("Operation-Id")
-    if msg.get("Flow-Status") and op_id:
-        flow_id = Operation.objects.filter(process_id=msg.sender, op_id=op_id).values_list("flow_id", flat=True).first()
-        if flow_id:
-            return flow_id
-    return msg.pushed_for
+    (`Operation-Id`, looked up in the sending coordinator) knows the user's flow.
+    One query for the whole batch."""
+    named = {(m.sender, m.get("Operation-Id")) for m in messages if m.get("Flow-Status") and m.get("Operation-Id")}
+    owners: dict[tuple[str, str], str] = {}
+    if named:
+        match = Q()
+        for process_id, op_id in named:
+            match |= Q(process_id=process_id, op_id=op_id)
+        owners = {(p, o): f for p, o, f in Operation.objects.filter(match).values_list("process_id", "op_id", "flow_id")}
+    return {m.msg_id: owners.get((m.sender, m.get("Operation-Id")), m.pushed_for) for m in messages}
 
 
 def track_flows(sender, messages, **kwargs) -> None:
     """messages_applied receiver: settle the flows these messages decide."""
-    flow_ids = {m.msg_id: _flow_id(m) for m in messages if m.get("Flow-Status") or m.status == Message.FAILED
-                or m.action.endswith("-Response") or m.action == "Debit-Notice"}
-    if not flow_ids:
+    deciding = [m for m in messages if _may_decide(m)]
+    if not deciding:
         return
+    flow_ids = _flow_ids(deciding)
     flows = {f.id: f for f in Flow.objects.filter(id__in=set(flow_ids.values()), status=Flow.PENDING)}
     ended = []
-    for msg in messages:
-        flow = flows.get(flow_ids.get(msg.msg_id, ""))
+    for msg in deciding:
+        flow = flows.get(flow_ids[msg.msg_id])
         if flow is None or flow.status != Flow.PENDING:
             continue
         decision = _decision(msg, flow)

@@ -27,7 +27,22 @@ def check_invariants() -> list[str]:
                 f"{process.name}: slots are not gap-free ({count} slotted messages, highest slot {top}, "
                 f"next slot {process.next_slot})"
             )
+    problems.extend(check_mint_windows())
     problems.extend(check_reserves())
+    return problems
+
+
+def check_mint_windows() -> list[str]:
+    """Each coordinator's rolling-hour mint window (kept incrementally) equals the sum it stands for."""
+    from processes.blueprints.state import CoordinatorState, Operation
+
+    problems = []
+    for c in CoordinatorState.objects.select_related("process"):
+        actual = Operation.objects.filter(process=c.process, kind__in=Operation.MINT_KINDS, reserved=True,
+                                          created_at__gt=c.hour_window_since).aggregate(s=Sum("quantity"))["s"] or 0
+        if actual != c.hour_window_minted:
+            problems.append(f"{c.process.name}: hourly mint window says {c.hour_window_minted}, "
+                            f"its operations add up to {actual}")
     return problems
 
 

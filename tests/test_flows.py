@@ -492,6 +492,28 @@ def test_system_hourly_limit(system, wallet):
     assert_consistent()
 
 
+def test_system_hourly_limit_is_a_rolling_hour(system, wallet, monkeypatch):
+    """The window slides: mints older than an hour stop counting, failed mints are released."""
+    alice, bob = wallet(), wallet()
+    fund(alice, 500 * U)
+    fund(bob, 1_000 * U)
+    configure("SystemHourlyLimit", 300 * U)
+    assert deposit(alice, 200 * U).status == Flow.COMPLETED
+    assert deposit(bob, 101 * U).status == Flow.REFUNDED  # 200 + 101 > 300 within the hour
+    assert deposit(bob, 100 * U).status == Flow.COMPLETED  # the refused one was released
+
+    from processes.runtime import delivery
+
+    real_now = delivery.now_ms
+    monkeypatch.setattr(delivery, "now_ms", lambda: real_now() + 60 * 60_000 + 1_000)  # 1 h later
+    assert deposit(bob, 300 * U).status == Flow.COMPLETED  # the first 300 fell out of the window
+    over = deposit(bob, 1 * U)
+    assert (over.status, over.error) == (
+        Flow.REFUNDED, "System limit: the system mints at most 300 TIM3 per hour; try later.")
+    assert coordinator_state().hour_window_minted == 300 * U
+    assert_consistent()  # includes check_mint_windows: the kept window equals the operations' sum
+
+
 def test_large_operation_cooldown(system, wallet):
     alice, bob = wallet(), wallet()
     fund(alice, 4_000 * U)  # four faucet requests

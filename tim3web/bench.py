@@ -8,7 +8,9 @@ log at the end to count hops and anything lost or duplicated.
 
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -47,6 +49,19 @@ def percentile(values: list[float], p: float) -> float:
     return round(ordered[index], 1)
 
 
+# What bench changes in the environment of the stack it starts (unless already set):
+# production settings (DEBUG keeps every query in memory and wraps every cursor),
+# and a per-wallet HTTP rate limit that a handful of bench wallets cannot hit.
+BENCH_ENV = {"DJANGO_DEBUG": "0", "TIM3_RATE_LIMIT_PER_MINUTE": "1000000", "LOG_LEVEL": "WARNING"}
+# The coordinator limits for the run (restored afterwards): SPEC's system limit of
+# 10,000 TIM3 an hour would refuse a bench's deposits within a minute.
+BENCH_LIMITS = {"SystemHourlyLimit": "1000000000", "UserDailyLimit": "1000000000", "RateLimitPerMinute": "1000000"}
+
+
+def stack_environment() -> dict[str, str]:
+    return {**BENCH_ENV, **os.environ}
+
+
 class Stack:
     """The processes `make run` or the Procfile would run, as subprocesses."""
 
@@ -57,7 +72,7 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs.append(subprocess.Popen(argv, cwd=BASE_DIR, env=os.environ.copy(), stdout=log, stderr=log))
+        self.procs.append(subprocess.Popen(argv, cwd=BASE_DIR, env=stack_environment(), stdout=log, stderr=log))
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -174,14 +189,61 @@ def wait_flow(base: str, watcher: HopWatcher, flow_id: str, timeout: float) -> t
     return "pending", now_ms()
 
 
+def coordinator_limits() -> dict[str, str]:
+    """The active coordinator's current values of BENCH_LIMITS, as Configure values."""
+    from processes.blueprints.coordinator import LIMIT_FIELDS
+    from processes.blueprints.state import CoordinatorState
+    from processes.services import active_coordinator
+
+    c = CoordinatorState.objects.get(process=active_coordinator())
+    return {name: str(getattr(c, LIMIT_FIELDS[name][0]) // LIMIT_FIELDS[name][1]) for name in BENCH_LIMITS}
+
+
+def set_coordinator_limits(limits: dict[str, str], *, timeout: float = 30.0) -> None:
+    """Configure every coordinator (operator messages, applied by the stack's workers) and wait."""
+    from processes.actions import configure_coordinator
+
+    sent = [m for name, value in limits.items() for m in configure_coordinator(config_type=name, value=value)]
+    deadline = time.monotonic() + timeout
+    while Message.objects.filter(pk__in=[m.pk for m in sent], status=Message.PENDING).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the stack did not apply the bench's coordinator limits")
+        time.sleep(0.1)
+
+
+def pgbench_tps(*, seconds: int) -> float | None:
+    """`pgbench -N -c 1` on a scratch database of the same server: the reference the
+    hop rate is compared with (None when this is not Postgres or pgbench is missing)."""
+    db = settings.DATABASES["default"]
+    if connection.vendor != "postgresql" or not shutil.which("pgbench"):
+        return None
+    env = {**os.environ, "PGHOST": db.get("HOST") or "127.0.0.1", "PGPORT": str(db.get("PORT") or 5432),
+           "PGUSER": db.get("USER") or "postgres", "PGPASSWORD": db.get("PASSWORD") or ""}
+    scratch = "tim3_pgbench"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [scratch])
+        if cursor.fetchone() is None:
+            cursor.execute(f'CREATE DATABASE "{scratch}"')
+            subprocess.run(["pgbench", "-i", "-q", "-s", "1", scratch], env=env, check=True, capture_output=True)
+    out = subprocess.run(["pgbench", "-N", "-c", "1", "-T", str(seconds), scratch], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    match = re.search(r"tps = ([0-9.]+)", out)
+    return round(float(match.group(1)), 1) if match else None
+
+
 def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None, mix: str,
-              url: str | None, timeout: float = 60.0) -> dict:
-    stack = None
+              url: str | None, timeout: float = 60.0, pgbench_seconds: int = 0) -> dict:
+    stack, saved_limits = None, None
     if url is None:
+        if settings.TIM3_ENV != "test":
+            raise RuntimeError("bench starts its own stack only in the test environment (TIM3_ENV=test)")
         stack = Stack(workers=workers, log_dir=BASE_DIR / "var" / "bench")
         stack.start()
         url = stack.url
     try:
+        if stack:
+            saved_limits = coordinator_limits()
+            set_coordinator_limits(BENCH_LIMITS)
         watcher = HopWatcher(url)
         watcher.start()
         if not watcher.ready.wait(15):
@@ -255,6 +317,7 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
         latencies = [r[3] - r[2] for r in results if r[1] != "pending"]
         lags = [watcher.lags[m] for m in settled if m in watcher.lags]
         statuses = Counter(r[1] for r in results)
+        reference = pgbench_tps(seconds=pgbench_seconds) if pgbench_seconds else None
         return {
             "backend": connection.vendor if connection.vendor != "postgresql" else "postgres",
             "mode": settings.TIM3_MODE,
@@ -274,7 +337,12 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
             "offered_rate": rate,
             "concurrency": concurrency,
             "mean_flow_ms": round(statistics.fmean(latencies), 1) if latencies else 0.0,
+            "pgbench_tps": reference,
         }
     finally:
         if stack:
-            stack.stop()
+            try:
+                if saved_limits:
+                    set_coordinator_limits(saved_limits)
+            finally:
+                stack.stop()

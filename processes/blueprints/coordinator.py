@@ -63,10 +63,15 @@ HOUR_MS, DAY_MS, MINUTE_MS = 3_600_000, 86_400_000, 60_000
 # --- helpers ------------------------------------------------------------------------------
 
 def config(ctx) -> CoordinatorState:
-    try:
-        return CoordinatorState.objects.get(process=ctx.process)
-    except CoordinatorState.DoesNotExist:
-        raise HandlerError("The coordinator has not been spawned.") from None
+    """The coordinator's state, read once per message: every helper of one handler
+    sees (and saves) the same object. Never kept across messages: a handler that
+    raises is rolled back, and its in-memory changes with it."""
+    if "config" not in ctx.memo:
+        try:
+            ctx.memo["config"] = CoordinatorState.objects.get(process=ctx.process)
+        except CoordinatorState.DoesNotExist:
+            raise HandlerError("The coordinator has not been spawned.") from None
+    return ctx.memo["config"]
 
 
 def has_role(ctx, address: str, *roles: str) -> bool:
@@ -91,13 +96,42 @@ def require_wallet(msg, ctx) -> None:
         raise HandlerError(f"{msg.action} must come from a user's wallet.")
 
 
-def mint_window(ctx, *, since: int, user: str | None = None) -> int:
-    """TIM3 accepted for minting since `since`: pending and completed (reserved), not released."""
-    qs = Operation.objects.filter(process=ctx.process, kind__in=Operation.MINT_KINDS, created_at__gt=since,
-                                  reserved=True)
-    if user:
-        qs = qs.filter(user=user)
-    return qs.aggregate(s=Sum("quantity"))["s"] or 0
+def reserved_mints(ctx, **window) -> Operation.objects:
+    """Mint operations accepted and not released (pending or completed)."""
+    return Operation.objects.filter(process=ctx.process, kind__in=Operation.MINT_KINDS, reserved=True, **window)
+
+
+def user_minted(ctx, *, user: str, since: int) -> int:
+    """TIM3 this user had accepted for minting since `since` (one user's rows: a short index range)."""
+    return reserved_mints(ctx, user=user, created_at__gt=since).aggregate(s=Sum("quantity"))["s"] or 0
+
+
+def system_minted_last_hour(ctx, c: CoordinatorState) -> int:
+    """TIM3 accepted for minting in the rolling hour before this message.
+
+    The window is kept in `c`: slide its start to now - 1 h, taking off only the
+    operations that fell out of it since the last message (so this costs the same
+    whatever the hour's traffic). Message times are not strictly ordered across
+    senders; the start never moves back.
+    """
+    since = ctx.now - HOUR_MS
+    if since > c.hour_window_since:
+        expired = reserved_mints(ctx, created_at__gt=c.hour_window_since, created_at__lte=since)
+        c.hour_window_minted -= expired.aggregate(s=Sum("quantity"))["s"] or 0
+        c.hour_window_since = since
+    return c.hour_window_minted
+
+
+def reserve(c: CoordinatorState, op: Operation) -> None:
+    if op.reserved and op.created_at > c.hour_window_since:
+        c.hour_window_minted += op.quantity
+
+
+def release(c: CoordinatorState, op: Operation) -> None:
+    """A failed mint stops counting against the limits."""
+    if op.reserved and op.created_at > c.hour_window_since:
+        c.hour_window_minted -= op.quantity
+    op.reserved = False
 
 
 def check_rate_limit(ctx, c: CoordinatorState, user: str) -> str | None:
@@ -115,29 +149,34 @@ def check_mint_allowed(ctx, c: CoordinatorState, user: str, quantity: int) -> st
         return f"Amount is below the minimum of {format_units(c.min_amount)} TIM3."
     if quantity > c.max_amount:
         return f"Amount is above the maximum of {format_units(c.max_amount)} TIM3 per operation."
-    used = mint_window(ctx, since=ctx.now - DAY_MS, user=user)
+    used = user_minted(ctx, user=user, since=ctx.now - DAY_MS)
     if used + quantity > c.user_daily_limit:
         return (f"Daily limit: {format_units(used)} of {format_units(c.user_daily_limit)} TIM3 "
                 "already used in the last 24 hours.")
-    used = mint_window(ctx, since=ctx.now - HOUR_MS)
+    used = system_minted_last_hour(ctx, c)
     if used + quantity > c.system_hourly_limit:
         return f"System limit: the system mints at most {format_units(c.system_hourly_limit)} TIM3 per hour; try later."
     if quantity >= c.large_threshold:
-        recent_large = Operation.objects.filter(
-            process=ctx.process, user=user, kind__in=Operation.MINT_KINDS, quantity__gte=c.large_threshold,
-            created_at__gt=ctx.now - c.cooldown_ms, reserved=True).exists()
+        recent_large = reserved_mints(ctx, user=user, quantity__gte=c.large_threshold,
+                                      created_at__gt=ctx.now - c.cooldown_ms).exists()
         if recent_large:
             return f"Cooldown: one large operation per {c.cooldown_ms // 1000} seconds."
     return check_rate_limit(ctx, c, user)
 
 
 def open_operation(ctx, *, kind: str, user: str, quantity: int, reserved: bool = False) -> Operation:
-    """`reserved`: the quantity counts against the mint limits until the operation fails."""
-    return Operation.objects.create(
+    """`reserved`: the quantity counts against the mint limits until the operation fails.
+
+    Not saved yet: every request goes on to `await_reply`, which inserts it with
+    its first step (one statement instead of an insert and an update).
+    """
+    op = Operation(
         process=ctx.process, op_id=ctx.msg.msg_id, kind=kind, user=user, quantity=quantity, step="checking",
         reserved=reserved,
         flow_id=ctx.msg.pushed_for, request_id=ctx.msg.msg_id, created_at=ctx.now, updated_at=ctx.now,
     )
+    reserve(config(ctx), op)  # the caller saves the config with the rest of its change
+    return op
 
 
 def await_reply(ctx, op: Operation, *, step: str, target: str, tags: dict) -> None:
@@ -154,7 +193,10 @@ def finish(ctx, op: Operation, *, status: str, error: str = "") -> None:
               Operation.FAILED: FAILED_ACTION}[status][op.kind]
     op.status, op.step, op.awaiting, op.updated_at = status, "done", "", ctx.now
     op.error = error or op.error
-    op.reserved = op.reserved and status == Operation.COMPLETED
+    if status != Operation.COMPLETED and op.reserved:
+        c = config(ctx)
+        release(c, op)
+        c.save()
     op.save()
     tags = {"Action": action, "Operation-Id": op.op_id, "Quantity": op.quantity, "Flow-Status": status}
     if op.error:
@@ -274,7 +316,9 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
     op.error = error
     # Released: a failed mint does not count against the limits. A failed position
     # record is not a failed mint (the TIM3 was minted), so that one keeps counting.
-    op.reserved = op.reserved and op.step == "recording"
+    if op.step != "recording" and op.reserved:
+        release(c, op)
+        c.save()
     match (op.kind, op.step):
         case (Operation.DEPOSIT, "minting"):
             c.outstanding -= q
@@ -328,9 +372,10 @@ def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[Coordin
     c = config(ctx)
     op_id = msg.get("X-Operation-Id")
     op = Operation.objects.filter(process=ctx.process, op_id=op_id or "").first()
-    asked = awaited_target(msg, op) if op is not None and op.status == Operation.PENDING else None
-    if not asked or msg.sender != asked:
-        require_from(msg, getattr(c, expected_from), name)
+    if msg.sender != getattr(c, expected_from):  # the usual sender needs no look at the log
+        asked = awaited_target(msg, op) if op is not None and op.status == Operation.PENDING else None
+        if not asked or msg.sender != asked:
+            require_from(msg, getattr(c, expected_from), name)
     if op is None:
         raise HandlerError(f"No operation {op_id!r} here.")
     if op.status != Operation.PENDING:
@@ -467,9 +512,9 @@ def on_credit_notice(msg, ctx):
     require_from(msg, c.usda_process, "USDA")
     if not is_id(sender):
         raise HandlerError("Credit-Notice needs the Sender's address.")
-    # The USDA is in custody now; book it before anything can fail, so a refund is covered.
+    # The USDA is in custody now; book it before anything can fail, so a refund is covered
+    # (send_mint and send_refund save it).
     c.custody += quantity
-    c.save()
     reason = check_mint_allowed(ctx, c, sender, quantity)
     if reason is None and c.outstanding + quantity > c.custody + c.collateral:
         reason = "Refused: minting this would leave TIM3 not fully backed."
@@ -511,6 +556,7 @@ def on_mint_tim3(msg, ctx):
     if reason := check_mint_allowed(ctx, c, msg.sender, quantity):
         raise HandlerError(reason)
     op = open_operation(ctx, kind=Operation.LOCK_MINT, user=msg.sender, quantity=quantity, reserved=True)
+    c.save()
     await_reply(ctx, op, step="locking", target=c.lock_manager_process,
                 tags={"Action": "LockCollateral", "User": msg.sender, "Quantity": quantity})
 

@@ -141,6 +141,11 @@ class CoordinatorState(models.Model):
     collateral = models.BigIntegerField(default=0)
     outstanding = models.BigIntegerField(default=0)
     payouts_committed = models.BigIntegerField(default=0)
+    # The system hourly limit's rolling window, kept up to date instead of summed per
+    # request (that sum grew with the hour's traffic): `hour_window_minted` is the
+    # quantity of reserved mint operations created after `hour_window_since` (ms).
+    hour_window_since = models.BigIntegerField(default=0)
+    hour_window_minted = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [
@@ -154,6 +159,7 @@ class CoordinatorState(models.Model):
             models.CheckConstraint(
                 condition=Q(outstanding__lte=F("custody") + F("collateral")), name="coordinator_fully_backed"
             ),
+            models.CheckConstraint(condition=Q(hour_window_minted__gte=0), name="coordinator_window_not_negative"),
         ]
 
 
@@ -206,6 +212,7 @@ class Operation(models.Model):
         indexes = [
             models.Index(fields=["process", "user", "created_at"], name="operation_user_window"),
             models.Index(fields=["process", "status", "updated_at"], name="operation_pending"),
+            models.Index(fields=["process", "created_at"], name="operation_window"),
         ]
 
 

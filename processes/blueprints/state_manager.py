@@ -96,7 +96,9 @@ def info(msg, ctx):
 
 @handlers.add("UpdatePosition")
 def update_position(msg, ctx):
-    state(ctx)
+    # Counting the update doubles as the "spawned?" check (one statement, not two).
+    if not StateManagerState.objects.filter(process=ctx.process).update(updates_count=F("updates_count") + 1):
+        raise HandlerError("The State Manager has not been spawned.")
     if not StateManagerClient.objects.filter(process=ctx.process, address=msg.sender).exists():
         raise HandlerError("Only a coordinator may UpdatePosition.")
     operation, user, kind = msg.get("Operation"), msg.get("User"), msg.get("CollateralType")
@@ -108,17 +110,16 @@ def update_position(msg, ctx):
         raise HandlerError(f"CollateralType must be one of {', '.join(COLLATERAL_TYPES)}.")
     amount = parse_quantity(msg.get("Amount"), name="Amount")
     collateral = parse_quantity(msg.get("CollateralAmount"), name="CollateralAmount")
+    # Only this process's drainer (holding its lock) writes its positions: `row` is current.
     row, _ = Position.objects.get_or_create(process=ctx.process, user=user, collateral_type=kind)
     if operation == "mint":
-        Position.objects.filter(pk=row.pk).update(tim3=F("tim3") + amount, collateral=F("collateral") + collateral,
-                                                  updated_at=ctx.now)
+        row.tim3, row.collateral = row.tim3 + amount, row.collateral + collateral
     else:
         # TIM3 is transferable: a holder may redeem more than it minted; the position never goes below zero.
-        Position.objects.filter(pk=row.pk).update(tim3=max(0, row.tim3 - amount),
-                                                  collateral=max(0, row.collateral - collateral), updated_at=ctx.now)
-    StateManagerState.objects.filter(process=ctx.process).update(updates_count=F("updates_count") + 1)
+        row.tim3, row.collateral = max(0, row.tim3 - amount), max(0, row.collateral - collateral)
+    row.updated_at = ctx.now
+    Position.objects.filter(pk=row.pk).update(tim3=row.tim3, collateral=row.collateral, updated_at=row.updated_at)
     ctx.note(user=user, position=f"{'+' if operation == 'mint' else '-'}{amount}", collateral_type=kind)
-    row.refresh_from_db()
     ctx.reply({"Action": "UpdatePosition-Response", "User": user, "TIM3": row.tim3, "Collateral": row.collateral,
                "Health-Factor": format_bp(health_bp(row.collateral, row.tim3))})
 

@@ -25,15 +25,13 @@ REDEMPTION_ACTIONS = ("RedeemTIM3", "BurnTIM3")
 # --- helpers --------------------------------------------------------------------
 
 def state(ctx) -> TokenState:
-    try:
-        return TokenState.objects.get(process=ctx.process)
-    except TokenState.DoesNotExist:
-        raise HandlerError("This token has not been spawned.") from None
-
-
-def account(ctx, address: str, *, for_update: bool = True) -> TokenAccount:
-    row, _ = TokenAccount.objects.get_or_create(process=ctx.process, account=address)
-    return row
+    """The token's state, read once per message (see Context.memo); change_supply keeps it current."""
+    if "token" not in ctx.memo:
+        try:
+            ctx.memo["token"] = TokenState.objects.get(process=ctx.process)
+        except TokenState.DoesNotExist:
+            raise HandlerError("This token has not been spawned.") from None
+    return ctx.memo["token"]
 
 
 def balance_of(ctx, address: str) -> TokenAccount | None:
@@ -54,19 +52,26 @@ def require_owner(msg, ctx) -> None:
 
 
 def credit(ctx, address: str, quantity: int) -> None:
-    row = account(ctx, address)
-    TokenAccount.objects.filter(pk=row.pk).update(balance=F("balance") + quantity)
+    # One statement when the account exists (the usual case); only this process's
+    # drainer writes its accounts, so nobody can create the row in between.
+    added = TokenAccount.objects.filter(process=ctx.process, account=address).update(balance=F("balance") + quantity)
+    if not added:
+        TokenAccount.objects.create(process=ctx.process, account=address, balance=quantity)
     ctx.note(account=address, change=f"+{quantity}", ticker=state(ctx).ticker)
 
 
 def debit(ctx, address: str, quantity: int) -> None:
-    row = balance_of(ctx, address)
-    available = (row.balance - row.locked) if row else 0
-    if quantity > available:
+    # Take it only if the unlocked balance covers it, in one statement; read the row
+    # only to explain a refusal.
+    taken = TokenAccount.objects.filter(
+        process=ctx.process, account=address, balance__gte=F("locked") + quantity
+    ).update(balance=F("balance") - quantity)
+    if not taken:
+        row = balance_of(ctx, address)
+        available = (row.balance - row.locked) if row else 0
         raise HandlerError(
             f"Insufficient balance: {format_units(available)} available, {format_units(quantity)} needed."
         )
-    TokenAccount.objects.filter(pk=row.pk).update(balance=F("balance") - quantity)
     ctx.note(account=address, change=f"-{quantity}", ticker=state(ctx).ticker)
 
 
@@ -93,6 +98,11 @@ def change_supply(ctx, token: TokenState, delta: int) -> None:
     else:
         fields["burned_total"] = F("burned_total") - delta
     TokenState.objects.filter(pk=token.pk).update(**fields)
+    token.total_supply += delta  # the memo stays what the database now holds
+    if delta > 0:
+        token.minted_total += delta
+    else:
+        token.burned_total -= delta
 
 
 # --- spawn and configuration ------------------------------------------------------

@@ -29,6 +29,9 @@ class Context:
     # Messages of the same drain batch already settled but not yet written back
     # (statuses are written once per batch); see builtins.message_status.
     batch: dict = field(default_factory=dict)
+    # State rows a blueprint read while handling this message (say, its config), so
+    # one handler reads each once. Dies with the message: never stale across messages.
+    memo: dict = field(default_factory=dict)
 
     @property
     def now(self) -> int:

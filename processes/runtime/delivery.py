@@ -81,12 +81,18 @@ def lock_process(process_id: str) -> Process:
 
 
 def _next_wallet_reference(address: str) -> int:
-    wallet, _ = Wallet.objects.get_or_create(address=address)
-    if connection.features.has_select_for_update:
-        wallet = Wallet.objects.select_for_update().get(pk=address)
-    reference = wallet.next_reference
-    Wallet.objects.filter(pk=address).update(next_reference=reference + 1)
-    return reference
+    """Take the wallet's next reference in one statement (UPDATE ... RETURNING): its row
+    lock orders concurrent sends from one wallet. A wallet's first message creates its row."""
+    sql = (f"UPDATE {connection.ops.quote_name(Wallet._meta.db_table)} SET next_reference = next_reference + 1 "
+           "WHERE address = %s RETURNING next_reference - 1")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [address])
+        row = cursor.fetchone()
+        if row is None:
+            Wallet.objects.get_or_create(address=address)
+            cursor.execute(sql, [address])
+            row = cursor.fetchone()
+    return row[0]
 
 
 def send_message(*, sender: str, target: str, tags, data="", validate: bool = True) -> Message:
@@ -103,11 +109,16 @@ def send_message(*, sender: str, target: str, tags, data="", validate: bool = Tr
         validate_data(data)
         if not is_id(sender):
             raise TagError("From must be a 43-character wallet address.")
-    with transaction.atomic():
-        if not Process.objects.filter(pk=target).exists():
-            raise LookupError(f"No process with id {target[:50]!r}.")
-        if Process.objects.filter(pk=sender).exists():
-            raise TagError("A wallet message cannot claim to come from a process.")
+    # Both checks in one query, before the transaction: a refusal leaves the caller's
+    # transaction usable (tests and callers catch it and go on).
+    processes = set(Process.objects.filter(pk__in=[target, sender]).values_list("pk", flat=True))
+    if target not in processes:
+        raise LookupError(f"No process with id {target[:50]!r}.")
+    if sender in processes:
+        raise TagError("A wallet message cannot claim to come from a process.")
+    # No savepoint inside a caller's transaction (two round trips): if a write below fails,
+    # the caller's transaction is doomed anyway and its rollback undoes everything.
+    with transaction.atomic(savepoint=False):
         msg_id = new_id()
         msg = Message.objects.create(
             msg_id=msg_id,
@@ -161,7 +172,12 @@ def _error_reply(msg: Message, error: str) -> list[Outgoing]:
     return ctx.outbox
 
 
-def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None = None) -> tuple[str, str, bool, Context]:
+class HandlerRaised(Exception):
+    """A handler raised while its drain ran without savepoints: redo the batch with them."""
+
+
+def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None = None,
+                savepoint: bool = True) -> tuple[str, str, bool, Context]:
     """Run the matching handler inside a savepoint: (status, error, handled, ctx).
 
     A handler that raises leaves no trace but the error (its savepoint is rolled
@@ -171,11 +187,22 @@ def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None
     connection, a lock or statement timeout, a deadlock or serialization
     victim): that is not the message's failure and would not happen on replay,
     so it propagates, the whole drain rolls back and the task retries it.
+
+    `savepoint=False` (drain_mailbox's first try): no savepoint, and a handler
+    that raises raises HandlerRaised, so the caller rolls everything back.
     """
     ctx = Context(process=process, msg=msg, batch=batch if batch is not None else {})
     handler = blueprint.handlers.match(msg)
     if handler is None:
         return Message.APPLIED, "", False, ctx  # lands in the inbox
+    if not savepoint:
+        try:
+            handler.handle(msg, ctx)
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as exc:
+            raise HandlerRaised from exc
+        return Message.APPLIED, "", True, ctx
     try:
         with transaction.atomic():
             handler.handle(msg, ctx)
@@ -215,14 +242,46 @@ def outgoing_rows(*, process: Process, msg: Message, outbox: list[Outgoing], now
     return rows
 
 
+# Which addresses are processes. Both answers are final: processes are never
+# deleted, and a wallet address never becomes a process id (ids are fresh and
+# random; a test's rolled-back process id is never used again), so each address
+# is looked up once per worker. Bounded: cleared when full.
+_is_process: dict[str, bool] = {}
+_IS_PROCESS_MAX = 100_000
+
+
 def _deliver_to_wallets(rows: list[Message], now: int) -> None:
     """A wallet has no handlers: a message to it is delivered as it is written."""
-    targets = {row.target for row in rows}
-    process_ids = set(Process.objects.filter(pk__in=targets).values_list("id", flat=True)) if targets else set()
+    unknown = {row.target for row in rows} - _is_process.keys()
+    if unknown:
+        if len(_is_process) > _IS_PROCESS_MAX:
+            _is_process.clear()
+        found = set(Process.objects.filter(pk__in=unknown).values_list("id", flat=True))
+        _is_process.update({address: address in found for address in unknown})
     for row in rows:
-        if row.target not in process_ids:
+        if not _is_process[row.target]:
             row.status = Message.APPLIED
             row.applied_at = now
+
+
+_APPLY_FIELDS = ("slot", "status", "error", "handled", "applied_at", "result")
+
+
+def write_back(messages: list[Message]) -> None:
+    """Save what applying these messages set, in one round trip.
+
+    Django's bulk_update builds a CASE expression per row and field: for a
+    batch of 200 it took longer than applying the messages. One parameterised
+    UPDATE per row through executemany (pipelined by psycopg) is the same
+    writes for a fraction of the Python.
+    """
+    fields = [Message._meta.get_field(name) for name in _APPLY_FIELDS]
+    qn = connection.ops.quote_name
+    sql = (f"UPDATE {qn(Message._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in fields)} "
+           f"WHERE {qn('seq')} = %s")
+    rows = [[f.get_db_prep_save(getattr(m, f.attname), connection) for f in fields] + [m.seq] for m in messages]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
 
 
 def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
@@ -230,8 +289,20 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
 
     Everything happens in one transaction under the process row lock: slots,
     state changes, statuses and outgoing messages commit together or not at all.
+
+    A savepoint per message costs two round trips, and handlers rarely raise;
+    so the batch first runs without them, and if a handler raises the whole
+    transaction is rolled back and the batch runs again with them (handlers
+    are deterministic: the second run sees exactly what the first did).
     """
     batch_size = batch_size or settings.TIM3_DRAIN_BATCH
+    try:
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False)
+    except HandlerRaised:
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True)
+
+
+def _drain(*, process_id: str, batch_size: int, savepoints: bool) -> int:
     with transaction.atomic():
         try:
             process = lock_process(process_id)
@@ -245,7 +316,8 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
         batch: dict[str, Message] = {}
         for msg in pending:
             now = now_ms()
-            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch)
+            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch,
+                                                      savepoint=savepoints)
             children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
             msg.slot = process.next_slot
             process.next_slot += 1
@@ -254,7 +326,7 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
             outgoing.extend(children)
             batch[msg.msg_id] = msg
         _deliver_to_wallets(outgoing, now_ms())
-        Message.objects.bulk_update(pending, ["slot", "status", "error", "handled", "applied_at", "result"])
+        write_back(pending)
         Message.objects.bulk_create(outgoing)
         process.save(update_fields=["next_slot", "next_reference"])
 

@@ -19,10 +19,13 @@ class Command(BaseCommand):
         parser.add_argument("--url", help="bench an already-running server instead of starting one")
         parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one flow")
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--pgbench", type=int, default=0, metavar="SECONDS",
+                            help="afterwards, run `pgbench -N -c 1` this long for reference (Postgres only)")
 
     def handle(self, *args, **o):
         figures = run_bench(flows=o["flows"], concurrency=o["concurrency"], workers=o["workers"], rate=o["rate"],
-                            mix=o["mix"], url=o["url"], timeout=o["timeout"])
+                            mix=o["mix"], url=o["url"], timeout=o["timeout"],
+                            pgbench_seconds=o["pgbench"])
         if o["json"]:
             self.stdout.write(json.dumps(figures))
             return
