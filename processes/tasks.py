@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
 from processes.runtime.delivery import (
+    ProcessBusy,
     collecting_doorbells,
     drain_mailbox,
     record_drain_failure,
@@ -20,17 +21,30 @@ log = logging.getLogger(__name__)
 
 def follow_cascade(rung: set[str], *, seconds: float) -> None:
     """Drain the processes the last drain woke, and those they wake, for a short
-    while; ring the rest. Any failure is left to a real task (retries, dead letters)."""
+    while; the caller rings the rest. Any failure is left to a real task (retries,
+    dead letters).
+
+    A process another worker is draining is not waited for (that would idle this
+    worker): it is tried again after the others, since its drainer may have read
+    its batch before our message arrived.
+    """
     deadline = time.monotonic() + seconds
     while rung and time.monotonic() < deadline:
-        process_id = rung.pop()
-        try:
-            drain_mailbox(process_id=process_id)
-        except Exception:
-            log.warning("following the cascade into %s failed; ringing its doorbell", process_id, exc_info=True)
-            close_old_connections()
-            rung.add(process_id)
-            break
+        progressed = False
+        for process_id in sorted(rung):
+            rung.discard(process_id)
+            try:
+                drain_mailbox(process_id=process_id, wait=False)
+                progressed = True
+            except ProcessBusy:
+                rung.add(process_id)
+            except Exception:
+                log.warning("following the cascade into %s failed; ringing its doorbell", process_id, exc_info=True)
+                close_old_connections()
+                rung.add(process_id)
+                return
+        if not progressed:
+            time.sleep(0.001)  # everything left is being drained by others: a moment
 
 
 @shared_task(bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)

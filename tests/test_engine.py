@@ -12,14 +12,16 @@ import threading
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import F
 
 from processes.blueprints.state import TokenAccount, TokenState
 from processes.invariants import check_invariants
 from processes.runtime import delivery
 from processes.runtime.delivery import (
+    ProcessBusy,
     drain_mailbox,
+    lock_process,
     processes_with_pending,
     record_drain_failure,
     run_until_idle,
@@ -590,3 +592,43 @@ def test_send_accepts_the_largest_valid_message(system, wallet):
     tags = {"Action": "Dance", **{f"X-T{i}": "v" * MAX_TAG_VALUE for i in range(MAX_TAGS - 1)}}
     msg = send(wallet(), system["usda"], tags, data="d" * MAX_DATA)
     assert (msg.status, msg.handled, len(msg.tags), len(msg.data)) == (Message.APPLIED, False, MAX_TAGS, MAX_DATA)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_following_a_cascade_skips_a_process_another_worker_holds_and_comes_back(system, wallet):
+    """A worker following a cascade does not wait on a process another worker is
+    draining (it would idle), and does not drop it either: it tries again."""
+    if connection.vendor == "sqlite":
+        pytest.skip("row locks (select_for_update skip_locked): this test runs on Postgres only")
+    from django.db import connections
+
+    from processes.tasks import follow_cascade
+
+    usda = system["usda"]
+    alice, bob = wallet(), wallet()
+    faucet(usda, alice)
+    send_message(sender=alice, target=usda.id, tags={"Action": "Transfer", "Recipient": bob, "Quantity": "5"})
+
+    holder_has_lock, release = threading.Event(), threading.Event()
+
+    def other_worker():  # holds the USDA process row as a drain would, on its own connection
+        try:
+            with transaction.atomic():
+                lock_process(usda.id)
+                holder_has_lock.set()
+                release.wait(timeout=10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=other_worker)
+    holder.start()
+    assert holder_has_lock.wait(timeout=10)
+    with pytest.raises(ProcessBusy):
+        drain_mailbox(process_id=usda.id, wait=False)
+    threading.Timer(0.3, release.set).start()
+    rung = {usda.id}
+    follow_cascade(rung, seconds=10)  # busy at first; applied once the other lets go
+    holder.join(timeout=10)
+    assert rung == set()
+    assert balance(usda, bob) == 5
+    assert processes_with_pending() == []

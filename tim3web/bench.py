@@ -55,7 +55,8 @@ def percentile(values: list[float], p: float) -> float:
 BENCH_ENV = {"DJANGO_DEBUG": "0", "TIM3_RATE_LIMIT_PER_MINUTE": "1000000", "LOG_LEVEL": "WARNING"}
 # The coordinator limits for the run (restored afterwards): SPEC's system limit of
 # 10,000 TIM3 an hour would refuse a bench's deposits within a minute.
-BENCH_LIMITS = {"SystemHourlyLimit": "1000000000", "UserDailyLimit": "1000000000", "RateLimitPerMinute": "1000000"}
+# Limits are in base units (10**18 = a trillion TIM3).
+BENCH_LIMITS = {"SystemHourlyLimit": str(10**18), "UserDailyLimit": str(10**18), "RateLimitPerMinute": "1000000"}
 
 
 def stack_environment() -> dict[str, str]:

@@ -63,9 +63,8 @@ HOUR_MS, DAY_MS, MINUTE_MS = 3_600_000, 86_400_000, 60_000
 # --- helpers ------------------------------------------------------------------------------
 
 def config(ctx) -> CoordinatorState:
-    """The coordinator's state, read once per message: every helper of one handler
-    sees (and saves) the same object. Never kept across messages: a handler that
-    raises is rolled back, and its in-memory changes with it."""
+    """The coordinator's state, read once per drain batch (Context.memo): every
+    handler sees, changes and saves this one object, never the row behind its back."""
     if "config" not in ctx.memo:
         try:
             ctx.memo["config"] = CoordinatorState.objects.get(process=ctx.process)
@@ -431,7 +430,9 @@ def set_process(ctx, kind: str | None, process_id: str | None) -> None:
         raise HandlerError(f"Process-Type must be one of {', '.join(PROCESS_FIELDS)}.")
     if not process_id or not is_id(process_id):
         raise HandlerError("Process-Id must be a 43-character id.")
-    CoordinatorState.objects.filter(process=ctx.process).update(**{PROCESS_FIELDS[kind]: process_id})
+    c = config(ctx)  # written through the object every handler of this drain shares (Context.memo)
+    setattr(c, PROCESS_FIELDS[kind], process_id)
+    c.save(update_fields=[PROCESS_FIELDS[kind]])
     ctx.reply({"Action": "SetProcessConfig-Response", "Process-Type": kind, "Process-Id": process_id})
 
 

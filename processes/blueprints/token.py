@@ -25,7 +25,8 @@ REDEMPTION_ACTIONS = ("RedeemTIM3", "BurnTIM3")
 # --- helpers --------------------------------------------------------------------
 
 def state(ctx) -> TokenState:
-    """The token's state, read once per message (see Context.memo); change_supply keeps it current."""
+    """The token's state, read once per drain batch (Context.memo); every write goes through
+    this object (change_supply updates it as it updates the row)."""
     if "token" not in ctx.memo:
         try:
             ctx.memo["token"] = TokenState.objects.get(process=ctx.process)
@@ -133,7 +134,9 @@ def spawn(msg, ctx):
 def set_locker(msg, ctx):
     require_owner(msg, ctx)
     locker = require_address(msg.get("Locker"), "Locker")
-    TokenState.objects.filter(process=ctx.process).update(locker=locker)
+    token = state(ctx)  # written through the shared object (Context.memo)
+    token.locker = locker
+    token.save(update_fields=["locker"])
     ctx.reply({"Action": "SetLocker-Response", "Locker": locker})
 
 
@@ -143,7 +146,9 @@ def set_mint_policy(msg, ctx):
     policy = msg.get("Mint-Policy")
     if policy not in ("faucet", "owner", "minters"):
         raise HandlerError("Mint-Policy must be faucet, owner or minters.")
-    TokenState.objects.filter(process=ctx.process).update(mint_policy=policy)
+    token = state(ctx)
+    token.mint_policy = policy
+    token.save(update_fields=["mint_policy"])
     ctx.reply({"Action": "SetMintPolicy-Response", "Mint-Policy": policy})
 
 

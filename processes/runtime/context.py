@@ -29,8 +29,11 @@ class Context:
     # Messages of the same drain batch already settled but not yet written back
     # (statuses are written once per batch); see builtins.message_status.
     batch: dict = field(default_factory=dict)
-    # State rows a blueprint read while handling this message (say, its config), so
-    # one handler reads each once. Dies with the message: never stale across messages.
+    # State rows a blueprint read (its config, say), so each is read once. Shared by
+    # the messages of a drain batch only while the batch runs without savepoints: a
+    # handler that raises then rolls back the whole batch, memo and all (delivery).
+    # With savepoints (and on replay) each message gets its own. Blueprints write
+    # memoized rows only through the memoized object, never with a queryset update.
     memo: dict = field(default_factory=dict)
 
     @property

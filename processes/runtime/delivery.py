@@ -72,12 +72,22 @@ def _after_commit(settled: list[Message], wake: set[str]) -> None:
 
 # --- sending --------------------------------------------------------------------
 
-def lock_process(process_id: str) -> Process:
+class ProcessBusy(Exception):
+    """Another drainer holds the process's lock (drain_mailbox(wait=False))."""
+
+
+def lock_process(process_id: str, *, wait: bool = True) -> Process:
     qs = Process.objects
     if connection.features.has_select_for_update:
         # no_key: messages referencing the row do not wait on us.
-        qs = qs.select_for_update(no_key=connection.features.has_select_for_no_key_update)
-    return qs.get(pk=process_id)
+        qs = qs.select_for_update(no_key=connection.features.has_select_for_no_key_update,
+                                  skip_locked=not wait and connection.features.has_select_for_update_skip_locked)
+    try:
+        return qs.get(pk=process_id)
+    except Process.DoesNotExist:
+        if not wait and Process.objects.filter(pk=process_id).exists():
+            raise ProcessBusy(process_id) from None
+        raise
 
 
 def _next_wallet_reference(address: str) -> int:
@@ -177,7 +187,7 @@ class HandlerRaised(Exception):
 
 
 def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None = None,
-                savepoint: bool = True) -> tuple[str, str, bool, Context]:
+                savepoint: bool = True, memo: dict | None = None) -> tuple[str, str, bool, Context]:
     """Run the matching handler inside a savepoint: (status, error, handled, ctx).
 
     A handler that raises leaves no trace but the error (its savepoint is rolled
@@ -191,7 +201,8 @@ def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None
     `savepoint=False` (drain_mailbox's first try): no savepoint, and a handler
     that raises raises HandlerRaised, so the caller rolls everything back.
     """
-    ctx = Context(process=process, msg=msg, batch=batch if batch is not None else {})
+    ctx = Context(process=process, msg=msg, batch=batch if batch is not None else {},
+                  memo=memo if memo is not None else {})
     handler = blueprint.handlers.match(msg)
     if handler is None:
         return Message.APPLIED, "", False, ctx  # lands in the inbox
@@ -284,11 +295,12 @@ def write_back(messages: list[Message]) -> None:
         cursor.executemany(sql, rows)
 
 
-def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
+def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool = True) -> int:
     """Apply the process's pending messages in arrival order; return how many.
 
     Everything happens in one transaction under the process row lock: slots,
     state changes, statuses and outgoing messages commit together or not at all.
+    With `wait=False`, raise ProcessBusy instead of waiting for another drainer.
 
     A savepoint per message costs two round trips, and handlers rarely raise;
     so the batch first runs without them, and if a handler raises the whole
@@ -297,15 +309,15 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None) -> int:
     """
     batch_size = batch_size or settings.TIM3_DRAIN_BATCH
     try:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False)
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait)
     except HandlerRaised:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True)
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait)
 
 
-def _drain(*, process_id: str, batch_size: int, savepoints: bool) -> int:
+def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool) -> int:
     with transaction.atomic():
         try:
-            process = lock_process(process_id)
+            process = lock_process(process_id, wait=wait)
         except Process.DoesNotExist:
             return 0
         pending = list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
@@ -314,10 +326,11 @@ def _drain(*, process_id: str, batch_size: int, savepoints: bool) -> int:
         blueprint = get_blueprint(process.kind)
         outgoing: list[Message] = []
         batch: dict[str, Message] = {}
+        shared_memo = None if savepoints else {}  # see Context.memo
         for msg in pending:
             now = now_ms()
             status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch,
-                                                      savepoint=savepoints)
+                                                      savepoint=savepoints, memo=shared_memo)
             children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
             msg.slot = process.next_slot
             process.next_slot += 1
