@@ -8,6 +8,7 @@ the operator wallet after the caller checked the admin's permission).
 import re
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, CoordinatorState, Position, StateManagerState
@@ -59,14 +60,23 @@ def request_faucet(*, wallet: str, quantity: str) -> Flow:
     return start_flow(user=wallet, target=usda.id, kind="faucet", quantity=q, tags={"Action": "Mint", "Quantity": q})
 
 
+def _coordinator_and_usda() -> tuple[Process, Process]:
+    """The active coordinator and the USDA process in one query (a v2 deposit needs both);
+    if one is missing, the services' own lookups say so (LookupError)."""
+    found = list(Process.objects.filter(Q(kind="coordinator", active=True) | Q(name="usda")).order_by("-version"))
+    coordinator = next((p for p in found if p.kind == "coordinator"), None) or active_coordinator()
+    usda = next((p for p in found if p.name == "usda"), None) or resolve_process("usda")
+    return coordinator, usda
+
+
 def request_deposit(*, wallet: str, quantity: str, mode: str | None = None) -> Flow:
     """Deposit USDA for TIM3: v2 transfers USDA to the coordinator, v1 locks it in place."""
     q, mode = _quantity(quantity), _mode(mode)
-    coordinator = active_coordinator()
     if mode == "deposit":
-        usda = resolve_process("usda")
+        coordinator, usda = _coordinator_and_usda()
         return start_flow(user=wallet, target=usda.id, kind="deposit", mode=mode, quantity=q,
                           tags={"Action": "Transfer", "Recipient": coordinator.id, "Quantity": q})
+    coordinator = active_coordinator()
     return start_flow(user=wallet, target=coordinator.id, kind="deposit", mode=mode, quantity=q,
                       tags={"Action": "MintTIM3", "Quantity": q})
 

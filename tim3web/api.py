@@ -51,8 +51,8 @@ from processes.flows import Flow
 from processes.runtime.models import Message, Process
 from processes.runtime.quantities import DENOMINATION
 from tim3web import idempotency, ratelimit
-from tim3web.accounts import SignupError, create_account, wallet_of
-from tim3web.auth import AUTH, is_admin, is_guardian, issue_token
+from tim3web.accounts import SignupError, create_account
+from tim3web.auth import AUTH, is_admin, is_guardian, issue_token, wallet_for
 from tim3web.errors import ApiError, error_body
 from tim3web.models import AuditEntry
 from tim3web.serializers import message_to_dict
@@ -417,7 +417,7 @@ def _start(request, body: dict, start) -> Any:
     """A fund-moving request: rate limit, then `start(wallet)` at most once per Idempotency-Key."""
     ratelimit.check(request, "write")
     user = request.auth
-    wallet = wallet_of(user)
+    wallet = wallet_for(request)
 
     def action() -> tuple[int, dict]:
         try:
@@ -462,7 +462,7 @@ def token(request, payload: Credentials):
 def wallet(request):
     """Your own wallet (there is no way to name another): balances in base units."""
     ratelimit.check(request, "read")
-    address = wallet_of(request.auth)
+    address = wallet_for(request)
     rows = {name: (balance, locked) for name, balance, locked in TokenAccount.objects.filter(
         process__name__in=("usda", "tim3"), account=address).values_list("process__name", "balance", "locked")}
     usda, tim3 = rows.get("usda", (0, 0)), rows.get("tim3", (0, 0))
@@ -521,7 +521,7 @@ def list_flows(request, mine: Annotated[bool, Query(description="1: only your ow
     ratelimit.check(request, "read")
     flows = Flow.objects.order_by("-created_at", "-id")
     if mine:
-        flows = flows.filter(user=wallet_of(request.auth))
+        flows = flows.filter(user=wallet_for(request))
     return {"results": _flows_with_messages(list(flows[:limit]))}
 
 
@@ -587,7 +587,7 @@ def pause(request, payload: PauseIn):
     if role is None:
         raise ApiError(403, "forbidden", "Only a guardian or an admin may pause the system.")
     ratelimit.check(request, "write")
-    wallet = wallet_of(user)
+    wallet = wallet_for(request)
     with transaction.atomic():
         flows = request_pause(wallet=wallet, scope=payload.scope, reason=payload.reason, role=role)
         detail = {"scope": payload.scope, "reason": payload.reason.strip(), "role": role, "wallet": wallet,
@@ -603,7 +603,7 @@ def resume(request, payload: ResumeIn):
     if not is_admin(user):
         raise ApiError(403, "forbidden", "Only an admin may resume the system.")
     ratelimit.check(request, "write")
-    wallet = wallet_of(user)
+    wallet = wallet_for(request)
     with transaction.atomic():
         flows = request_resume(wallet=wallet, scope=payload.scope)
         detail = {"scope": payload.scope, "wallet": wallet, "flow_ids": [f.id for f in flows]}

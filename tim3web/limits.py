@@ -1,11 +1,12 @@
 """A bound on the HTTP requests one ASGI process serves at once.
 
-Under ASGI, Django runs each request's sync code in a thread of its own, with a
-database connection of its own: 200 wallets posting at once made Daphne open
-more connections than Postgres allows ("too many clients already", a 500 for
-the request and for any worker that needed a connection just then). Requests
-beyond the bound wait in the event loop for a free slot instead (websockets
-are not counted: they hold no connection while open).
+Under ASGI, Django runs each request's sync code in a thread of its own: 200
+wallets posting at once made Daphne open more connections than Postgres allows
+("too many clients already", a 500 for the request and for any worker that
+needed a connection just then). Database connections are now bounded by the
+web process's pool (settings: TIM3_DB_POOL_MAX_SIZE); this bounds the threads.
+Requests beyond it wait in the event loop for a free slot instead (websockets
+are not counted: they hold no thread or connection while open).
 """
 
 import asyncio

@@ -5,9 +5,10 @@
 - "read": settings.TIM3_READ_RATE_LIMIT_PER_SECOND per wallet per second
   (default 20), for the endpoints that need a login.
 
-Fixed windows: one counter per (scope, wallet, window), created with
-`cache.add` and bumped with `cache.incr`, both atomic in Redis (scaled mode,
-shared by every web process) and in LocMemCache (embedded mode, one process).
+Fixed windows: one counter per (scope, wallet, window), created at 0 and
+bumped by one, atomically in Redis (scaled mode, shared by every web process:
+SET NX EX and INCR in one MULTI, one round trip) and in LocMemCache (embedded
+mode, one process: `cache.add` and `cache.incr`).
 A counter lives two windows, so it cannot expire while it is being counted.
 Every attempt by a logged-in wallet counts, refused ones (bad quantity,
 replayed Idempotency-Key) included. A limit of 0 turns the scope off. If the cache is unreachable the request is
@@ -19,12 +20,16 @@ import math
 import time
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import DEFAULT_CACHE_ALIAS, BaseCache, caches
+from django.core.cache.backends.redis import RedisCache
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
-from tim3web.accounts import wallet_of
+from tim3web.auth import wallet_for
 from tim3web.errors import ApiError
 
 log = logging.getLogger(__name__)
+_counters: BaseCache | None = None
 
 SCOPES = {
     # scope: (setting with the limit, window in seconds)
@@ -37,13 +42,47 @@ def clock() -> float:
     return time.time()
 
 
+def counters() -> BaseCache:
+    """The default cache (settings.CACHES), one object for the whole process.
+
+    `django.core.cache.cache` is a new object in every request under ASGI (one per
+    asgiref context), and a new RedisCache opens a new Redis connection pool: a TCP
+    connect and handshake per request. This one keeps its connections; redis-py's
+    pool is thread-safe, and LocMemCache takes a lock.
+    """
+    global _counters
+    if _counters is None:
+        _counters = caches.create_connection(DEFAULT_CACHE_ALIAS)
+    return _counters
+
+
+@receiver(setting_changed)
+def _forget_counters(*, setting: str, **kwargs) -> None:
+    global _counters
+    if setting == "CACHES":
+        _counters = None
+
+
+def _increment(key: str, timeout: int) -> int:
+    """Add one to the counter `key` (created at 0, living `timeout` s) and return its new value."""
+    store = counters()
+    if isinstance(store, RedisCache):
+        # One round trip; cache.add + cache.incr take three (SET NX, then EXISTS and INCR).
+        # RedisCache has no pipeline of its own: its client (`_cache`) hands out redis-py's.
+        key = store.make_and_validate_key(key)
+        with store._cache.get_client(key, write=True).pipeline(transaction=True) as pipe:
+            pipe.set(key, 0, ex=timeout, nx=True)
+            pipe.incr(key)
+            return pipe.execute()[1]
+    store.add(key, 0, timeout=timeout)
+    return store.incr(key)
+
+
 def hit(subject: str, *, scope: str, limit: int, period: int, now: float | None = None) -> float | None:
     """Count one request; None if it is within the limit, else the seconds until the window resets."""
     now = clock() if now is None else now
     window = int(now // period)
-    key = f"rl:{scope}:{subject}:{window}"
-    cache.add(key, 0, timeout=2 * period)
-    count = cache.incr(key)
+    count = _increment(f"rl:{scope}:{subject}:{window}", 2 * period)
     if count <= limit:
         return None
     return (window + 1) * period - now
@@ -55,7 +94,7 @@ def check(request, scope: str) -> None:
     limit = int(getattr(settings, setting))
     if limit <= 0:
         return
-    subject = wallet_of(request.auth)
+    subject = wallet_for(request)
     try:
         wait = hit(subject, scope=scope, limit=limit, period=period)
     except Exception:  # the cache is down: fail open, the coordinator still limits

@@ -85,6 +85,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+elif env_bool("TIM3_DB_POOL", False):
+    # Web processes (tim3web/asgi.py turns this on): under ASGI each request runs in a thread
+    # of its own, so a persistent connection is never reused (it leaked, one per thread) and
+    # without one every request connected anew (a server-side fork, several ms). The pool
+    # keeps at most TIM3_DB_POOL_MAX_SIZE connections for all threads; Django takes one at
+    # the request's first query and gives it back when the request ends (CONN_MAX_AGE must
+    # be 0 with a pool). A request finding the pool empty waits up to TIM3_DB_POOL_TIMEOUT s.
+    # Celery workers leave this off: one thread each, so a persistent connection is reused.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # Each connection is checked as it leaves the pool (an empty query): one the server
+    # dropped (restart, pg_terminate_backend) is replaced instead of failing a request.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": int(os.environ.get("TIM3_DB_POOL_MIN_SIZE", "2")),
+        "max_size": int(os.environ.get("TIM3_DB_POOL_MAX_SIZE", "10")),
+        "timeout": float(os.environ.get("TIM3_DB_POOL_TIMEOUT", "10")),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
