@@ -24,27 +24,26 @@ def follow_cascade(rung: set[str], *, seconds: float) -> None:
     while; the caller rings the rest. Any failure is left to a real task (retries,
     dead letters).
 
-    A process another worker is draining is not waited for (that would idle this
-    worker): it is tried again after the others, since its drainer may have read
-    its batch before our message arrived.
+    A process another worker is draining is put aside while there is other work;
+    when only such processes are left, this worker waits for one's lock (its
+    drainer may have read its batch before our message arrived, so it must be
+    drained again; polling instead would burn the CPU the drainer needs).
     """
     deadline = time.monotonic() + seconds
     while rung and time.monotonic() < deadline:
-        progressed = False
+        busy = set()
         for process_id in sorted(rung):
             rung.discard(process_id)
             try:
-                drain_mailbox(process_id=process_id, wait=False)
-                progressed = True
+                drain_mailbox(process_id=process_id, wait=not busy and not rung)
             except ProcessBusy:
-                rung.add(process_id)
+                busy.add(process_id)
             except Exception:
                 log.warning("following the cascade into %s failed; ringing its doorbell", process_id, exc_info=True)
                 close_old_connections()
-                rung.add(process_id)
+                rung.update(busy, {process_id})
                 return
-        if not progressed:
-            time.sleep(0.001)  # everything left is being drained by others: a moment
+        rung.update(busy)
 
 
 @shared_task(bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)

@@ -67,13 +67,14 @@ class Stack:
     """The processes `make run` or the Procfile would run, as subprocesses."""
 
     def __init__(self, *, workers: int, log_dir: Path) -> None:
-        self.workers, self.log_dir, self.procs = workers, log_dir, []
+        self.workers, self.log_dir, self.procs, self.names = workers, log_dir, [], []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         self.procs.append(subprocess.Popen(argv, cwd=BASE_DIR, env=stack_environment(), stdout=log, stderr=log))
+        self.names.append("workers" if name.startswith("worker") else name)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,10 @@ class Stack:
         self.stop()
         raise RuntimeError(f"the stack did not start; see {self.log_dir}")
 
+    def roles(self) -> list[tuple[str, subprocess.Popen]]:
+        """(role, process): daphne, workers, or serve (embedded: web and worker in one)."""
+        return [(self.names[i], p) for i, p in enumerate(self.procs)]
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
@@ -106,6 +111,32 @@ class Stack:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def cpu_by_role(stack: "Stack | None") -> dict[str, float]:
+    """CPU seconds used so far by each part of the system on this machine (Linux /proc).
+
+    The stack's own processes by role; Postgres and Redis by process name (every
+    backend alive at the moment, so short-lived connections are missed); this
+    process as the load generator.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    roles = {proc.pid: role for role, proc in (stack.roles() if stack else [])}
+    roles[os.getpid()] = "bench_client"
+    used: dict[str, float] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        role = roles.get(int(entry)) or {"postgres": "postgres", "redis-server": "redis"}.get(name)
+        if role:
+            used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
 
 
 class HopWatcher(threading.Thread):
@@ -278,6 +309,7 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
                 with lock:
                     errors.append(str(exc)[:200])
 
+        cpu_before = cpu_by_role(stack)
         began = now_ms()
         if rate:  # open loop: offered load of `rate` flows per second
             threads = []
@@ -302,6 +334,7 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
             for t in threads:
                 t.join()
         finished = max([r[3] for r in results], default=now_ms())
+        cpu_after = cpu_by_role(stack)
         time.sleep(0.5)  # let the watcher receive the last hops
         watcher.stopping.set()
         watcher.join(5)
@@ -319,6 +352,9 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
         lags = [watcher.lags[m] for m in settled if m in watcher.lags]
         statuses = Counter(r[1] for r in results)
         reference = pgbench_tps(seconds=pgbench_seconds) if pgbench_seconds else None
+        hops = max(1, len(settled))
+        cpu = {role: round(1000 * (cpu_after[role] - cpu_before.get(role, 0.0)) / hops, 3)
+               for role in sorted(cpu_after)}
         return {
             "backend": connection.vendor if connection.vendor != "postgresql" else "postgres",
             "mode": settings.TIM3_MODE,
@@ -339,6 +375,7 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
             "concurrency": concurrency,
             "mean_flow_ms": round(statistics.fmean(latencies), 1) if latencies else 0.0,
             "pgbench_tps": reference,
+            "cpu_ms_per_hop": cpu,  # where the machine's time went, per hop (see cpu_by_role)
         }
     finally:
         if stack:
