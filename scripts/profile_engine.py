@@ -55,11 +55,22 @@ def main() -> None:
     parser.add_argument("--flows", type=int, default=200)
     parser.add_argument("--wallets", type=int, default=20)
     parser.add_argument("--pyinstrument", action="store_true")
+    parser.add_argument("--follow", action="store_true",
+                        help="one flow at a time, each followed hop by hop as a worker does (latency, no batching)")
     args = parser.parse_args()
     wallets = [ensure_wallet(label=f"profile-{i}-{time.time_ns()}").address for i in range(args.wallets)]
     for w in wallets:
         request_faucet(wallet=w, quantity=str(1_000 * 10**6))
     run_until_idle()
+    if args.follow and not args.pyinstrument:
+        return follow_flows(wallets, args.flows)
+    if args.follow:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0002)
+        with profiler:
+            follow_flows(wallets, args.flows)
+        return print(profiler.output_text(unicode=True, color=False))
     for i in range(args.flows):
         request_deposit(wallet=wallets[i % len(wallets)], quantity=str(10**6))
     counter = QueryCounter()
@@ -80,6 +91,34 @@ def main() -> None:
           f"{counter.seconds / seconds:.0%} of the time waiting on queries")
     for kind, n in counter.kinds.most_common(25):
         print(f"  {n / hops:6.2f}/hop  {kind}")
+
+
+def follow_flows(wallets: list[str], flows: int) -> None:
+    """Each deposit drained hop by hop the way a worker follows a cascade: the
+    engine's share of a flow's latency (no HTTP, no broker)."""
+    from statistics import median
+
+    from django.conf import settings
+
+    from processes.runtime.delivery import collecting_doorbells
+    from processes.tasks import follow_cascade
+
+    settings.TIM3_DOORBELL = "celery"  # rung doorbells go to the follower's collector, never the broker
+    counter, times = QueryCounter(), []
+    with connection.execute_wrapper(counter):
+        for i in range(flows):
+            flow = request_deposit(wallet=wallets[i % len(wallets)], quantity=str(10**6))
+            started = time.perf_counter()
+            with collecting_doorbells() as rung:
+                rung.add(flow.target)
+                follow_cascade(rung, seconds=5)
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    print(f"{flows} deposits followed one at a time: p50 {median(times):.1f} ms, p99 {times[int(0.99 * (flows - 1))]:.1f} ms "
+          f"per flow, {counter.count / flows:.1f} queries per flow (incl. the request's), "
+          f"{counter.seconds / (sum(times) / 1000):.0%} of the time waiting on queries")
+    for kind, n in counter.kinds.most_common(30):
+        print(f"  {n / flows:6.2f}/flow  {kind}")
 
 
 if __name__ == "__main__":
