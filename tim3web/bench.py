@@ -269,7 +269,7 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
     if url is None:
         if settings.TIM3_ENV != "test":
             raise RuntimeError("bench starts its own stack only in the test environment (TIM3_ENV=test)")
-        stack = Stack(workers=workers, log_dir=BASE_DIR / "var" / "bench")
+        stack = Stack(workers=workers, log_dir=Path(settings.VAR_DIR) / "bench")
         stack.start()
         url = stack.url
     try:
@@ -312,12 +312,24 @@ def run_bench(*, flows: int, concurrency: int, workers: int, rate: float | None,
         cpu_before = cpu_by_role(stack)
         began = now_ms()
         if rate:  # open loop: offered load of `rate` flows per second
+            ended = [threading.Event() for _ in plan]
+
+            def offered(n: int, user: int, kind: str) -> None:
+                # A redemption spends the TIM3 of the user's deposit one round before
+                # (plan[n - users]): offered before that deposit ended, it would fail.
+                if kind == "redeem":
+                    ended[n - users].wait(timeout)
+                try:
+                    one(user, kind)
+                finally:
+                    ended[n].set()
+
             threads = []
             for n, (user, kind) in enumerate(plan):
                 delay = began / 1000 + n / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)
-                t = threading.Thread(target=one, args=(user, kind), daemon=True)
+                t = threading.Thread(target=offered, args=(n, user, kind), daemon=True)
                 t.start()
                 threads.append(t)
             for t in threads:

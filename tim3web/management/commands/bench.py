@@ -1,6 +1,6 @@
 import json
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from tim3web.bench import run_bench
 
@@ -23,9 +23,12 @@ class Command(BaseCommand):
                             help="afterwards, run `pgbench -N -c 1` this long for reference (Postgres only)")
 
     def handle(self, *args, **o):
-        figures = run_bench(flows=o["flows"], concurrency=o["concurrency"], workers=o["workers"], rate=o["rate"],
-                            mix=o["mix"], url=o["url"], timeout=o["timeout"],
-                            pgbench_seconds=o["pgbench"])
+        try:
+            figures = run_bench(flows=o["flows"], concurrency=o["concurrency"], workers=o["workers"], rate=o["rate"],
+                                mix=o["mix"], url=o["url"], timeout=o["timeout"],
+                                pgbench_seconds=o["pgbench"])
+        except RuntimeError as exc:  # bench's own refusals and failures: a message, not a traceback
+            raise CommandError(str(exc)) from exc
         if o["json"]:
             self.stdout.write(json.dumps(figures))
             return
