@@ -19,10 +19,17 @@ def _risk() -> object:
     return send_check_risk_alerts()
 
 
+def _vacuum() -> object:
+    from processes.services import vacuum_busy_tables
+
+    return vacuum_busy_tables()
+
+
 def jobs() -> dict[str, tuple[float, Callable[[], object]]]:
     return {
         "cleanup-expired": (settings.TIM3_CLEANUP_SECONDS, _cleanup),
         "check-risk-alerts": (settings.TIM3_RISK_CHECK_SECONDS, _risk),
+        "vacuum-mailbox": (settings.TIM3_VACUUM_SECONDS, _vacuum),
     }
 
 

@@ -90,3 +90,13 @@ def check_risk_alerts() -> int:
 
     close_old_connections()
     return len(send_check_risk_alerts())
+
+
+@shared_task(acks_late=True)
+def vacuum_mailbox() -> int:
+    """Keep the mailbox's pending index lean (processes.services.vacuum_busy_tables)."""
+    from processes.services import vacuum_busy_tables
+
+    close_old_connections()
+    return len(vacuum_busy_tables())
+

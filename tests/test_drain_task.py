@@ -46,3 +46,28 @@ def test_repeating_database_error_dead_letters_the_head(system, wallet, monkeypa
     run_until_idle()
     behind.refresh_from_db()
     assert behind.status == Message.APPLIED
+
+
+def test_vacuum_task_clears_the_applied_messages_out_of_the_pending_index(system, wallet):
+    """Every hop leaves a dead entry in the pending-message index until a VACUUM;
+    the periodic task removes them (Postgres), and is a no-op elsewhere."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        assert tasks.vacuum_mailbox() == 0
+        return
+    usda, alice = system["usda"], wallet()
+    for _ in range(20):
+        send_message(sender=alice, target=usda.id, tags={"Action": "Balance"})
+    run_until_idle()
+
+    def vacuums() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = %s", [Message._meta.db_table])
+            return cursor.fetchone()[0]
+
+    before = vacuums()
+    assert tasks.vacuum_mailbox() == 3  # messages, operations, flows
+    assert vacuums() == before + 1
+    assert not Message.objects.filter(status=Message.PENDING).exists()  # it only cleans: nothing else changes

@@ -147,7 +147,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 TIM3_CLEANUP_SECONDS = float(os.environ.get("TIM3_CLEANUP_SECONDS", "30"))
 TIM3_RISK_CHECK_SECONDS = float(os.environ.get("TIM3_RISK_CHECK_SECONDS", "60"))
+TIM3_VACUUM_SECONDS = float(os.environ.get("TIM3_VACUUM_SECONDS", "60"))  # VACUUM the mailbox (Postgres)
 CELERY_BEAT_SCHEDULE = {
+    "vacuum-mailbox": {"task": "processes.tasks.vacuum_mailbox", "schedule": TIM3_VACUUM_SECONDS},
     "sweep-mailboxes": {"task": "processes.tasks.sweep", "schedule": float(os.environ.get("TIM3_SWEEP_SECONDS", "2"))},
     "cleanup-expired": {"task": "processes.tasks.cleanup_expired", "schedule": TIM3_CLEANUP_SECONDS},
     "check-risk-alerts": {"task": "processes.tasks.check_risk_alerts", "schedule": TIM3_RISK_CHECK_SECONDS},
@@ -164,7 +166,12 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
                     "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "max_connections": 10_000}],
-                               "capacity": int(os.environ.get("TIM3_WS_CAPACITY", "5000")), "expiry": 120}}
+                               "capacity": int(os.environ.get("TIM3_WS_CAPACITY", "5000")), "expiry": 120,
+                               # A Daphne that dies without leaving the hops group stays a member this long
+                               # (channels_redis default: a day), and every publish is copied to it: 30
+                               # restarted Daphnes held 400 MB of Redis and multiplied each publish's work.
+                               # Live hubs re-join every 60 s (tim3web.fanout.REJOIN_SECONDS).
+                               "group_expiry": int(os.environ.get("TIM3_WS_GROUP_EXPIRY", "180"))}}
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
