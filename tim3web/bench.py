@@ -86,6 +86,9 @@ class Stack:
                 self._spawn(f"worker{i}", [str(bin_dir / "celery"), "-A", "tim3web", "worker", "-P", "solo",
                                            "-c", "1", "-n", f"bench{i}-{self.port}@%h", "--without-heartbeat",
                                            "--without-mingle", "--without-gossip", "-l", "WARNING"])
+            # The periodic jobs production runs too (sweep, timeouts, VACUUM of the mailbox).
+            self._spawn("beat", [str(bin_dir / "celery"), "-A", "tim3web", "beat", "-l", "WARNING",
+                                 "-s", str(self.log_dir / "beat-schedule")])
         else:
             self._spawn("serve", [sys.executable, "manage.py", "serve", "--port", str(self.port)])
         deadline = time.monotonic() + 60
