@@ -71,3 +71,49 @@ def test_vacuum_task_clears_the_applied_messages_out_of_the_pending_index(system
     assert tasks.vacuum_mailbox() == 3  # messages, operations, flows
     assert vacuums() == before + 1
     assert not Message.objects.filter(status=Message.PENDING).exists()  # it only cleans: nothing else changes
+
+
+def test_lock_timeout_in_the_drains_pipelined_statements_is_retried_without_counting(system, wallet, monkeypatch):
+    """The drain sends its lock + pending read, and its write-back, in psycopg pipelines, whose
+    errors surface when the pipeline syncs: they must still be Django's exceptions, so a
+    transient one (here a lock timeout, on the process row and then on the message row) is
+    retried by the task, not counted toward dead-lettering a healthy message."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    from processes.runtime.models import Process
+
+    if connection.vendor != "postgresql":
+        pytest.skip("psycopg pipelines: Postgres only")
+    usda = system["usda"]
+    msg = send_message(sender=wallet(), target=usda.id, tags={"Action": "Info"})
+    counted = []
+    monkeypatch.setattr(tasks, "record_drain_failure", lambda **kwargs: counted.append(kwargs))
+    params = connection.settings_dict
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '200ms'")
+    try:
+        for table, column, key in ((Process._meta.db_table, "id", usda.id), (Message._meta.db_table, "seq", msg.seq)):
+            holder = psycopg.connect(host=params["HOST"] or None, port=params["PORT"] or None, user=params["USER"],
+                                     password=params["PASSWORD"] or None, dbname=params["NAME"])
+            holder.execute(f"SELECT 1 FROM {qn(table)} WHERE {qn(column)} = %s FOR UPDATE", [key])
+            release = threading.Timer(5, holder.rollback)  # never hang, whatever happens
+            release.start()
+            try:
+                with pytest.raises(OperationalError):
+                    tasks.drain(usda.id)
+            finally:
+                release.cancel()
+                holder.close()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert counted == []
+    msg.refresh_from_db()
+    assert (msg.status, msg.attempts) == (Message.PENDING, 0)
+    run_until_idle()
+    msg.refresh_from_db()
+    assert msg.status == Message.APPLIED

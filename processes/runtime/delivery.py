@@ -301,7 +301,7 @@ def write_drain(*, process: Process, applied: list[Message], outgoing: list[Mess
                    f"WHERE {qn('id')} = %s")
     with connection.cursor() as cursor:
         pipeline = connection.connection.pipeline() if connection.vendor == "postgresql" else nullcontext()
-        with pipeline:
+        with connection.wrap_database_errors, pipeline:  # see open_mailbox
             cursor.executemany(update_sql, updates)
             if inserts:
                 cursor.executemany(insert_sql, inserts)
@@ -359,7 +359,9 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True) -> tupl
     pending_sql = (f"SELECT {columns(Message)} FROM {qn(Message._meta.db_table)} WHERE {qn('target')} = %s "
                    f"AND {qn('status')} = %s ORDER BY {qn('seq')} LIMIT %s")
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
-        with connection.connection.pipeline():
+        # A pipeline's errors surface when it syncs, outside the cursors' own wrapping: turn them
+        # into Django's (a lock timeout or lost connection is an OperationalError the task retries).
+        with connection.wrap_database_errors, connection.connection.pipeline():
             lock_cursor.execute(lock_sql, [process_id])
             pending_cursor.execute(pending_sql, [process_id, Message.PENDING, batch_size])
         found = _rows_to_models(Process, lock_cursor)
