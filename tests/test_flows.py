@@ -514,6 +514,30 @@ def test_system_hourly_limit_is_a_rolling_hour(system, wallet, monkeypatch):
     assert_consistent()  # includes check_mint_windows: the kept window equals the operations' sum
 
 
+def test_mint_window_migration_starts_the_window_where_replaying_the_log_leaves_it(system, wallet):
+    """Migration 0003 fills in the window of a coordinator with history. `manage.py verify`
+    replays the log with the new code, which slides the window at every mint request that
+    gets as far as the hourly check: the migrated state must be that one, or verify fails
+    until the coordinator's next such request (forever for a retired coordinator version)."""
+    import importlib
+
+    from django.apps import apps
+
+    alice = wallet()
+    fund(alice, 1_000 * U)
+    assert deposit(alice, 100 * U).status == Flow.COMPLETED
+    assert deposit(alice, 100 * U, mode="lock").status == Flow.COMPLETED  # the last request to slide it
+    configure("MaxAmount", 50 * U)
+    refused = deposit(alice, 60 * U)  # refused before the hourly check: it does not slide the window
+    assert refused.status == Flow.REFUNDED and refused.error.startswith("Amount is above")
+    migrated = coordinator_state()
+    CoordinatorState.objects.filter(pk=migrated.pk).update(hour_window_since=0, hour_window_minted=0)  # before 0003
+    importlib.import_module("processes.migrations.0003_mint_window").start_windows(apps, None)
+    assert coordinator_state().hour_window_since == migrated.hour_window_since
+    assert coordinator_state().hour_window_minted == 200 * U
+    assert_consistent()  # invariants, and the log replays to the migrated state
+
+
 def test_large_operation_cooldown(system, wallet):
     alice, bob = wallet(), wallet()
     fund(alice, 4_000 * U)  # four faucet requests
