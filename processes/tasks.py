@@ -30,12 +30,14 @@ def follow_cascade(rung: set[str], *, seconds: float) -> None:
     drained again; polling instead would burn the CPU the drainer needs).
     """
     deadline = time.monotonic() + seconds
+    stuck = False  # the last pass drained nothing: every process left was busy
     while rung and time.monotonic() < deadline:
-        busy = set()
+        busy, drained = set(), False
         for process_id in sorted(rung):
             rung.discard(process_id)
             try:
-                drain_mailbox(process_id=process_id, wait=not busy and not rung)
+                drain_mailbox(process_id=process_id, wait=stuck or (not busy and not rung))
+                drained = True
             except ProcessBusy:
                 busy.add(process_id)
             except Exception:
@@ -43,6 +45,7 @@ def follow_cascade(rung: set[str], *, seconds: float) -> None:
                 close_old_connections()
                 rung.update(busy, {process_id})
                 return
+        stuck = not drained
         rung.update(busy)
 
 

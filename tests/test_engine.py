@@ -632,3 +632,51 @@ def test_following_a_cascade_skips_a_process_another_worker_holds_and_comes_back
     assert rung == set()
     assert balance(usda, bob) == 5
     assert processes_with_pending() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_follower_left_with_only_busy_processes_waits_instead_of_polling(system, wallet, monkeypatch):
+    if connection.vendor == "sqlite":
+        pytest.skip("row locks (select_for_update skip_locked): this test runs on Postgres only")
+    from django.db import connections
+
+    from processes import tasks
+
+    usda, tim3 = system["usda"], system["tim3"]
+    alice = wallet()
+    faucet(usda, alice)
+    send_message(sender=alice, target=usda.id, tags={"Action": "Transfer", "Recipient": wallet(), "Quantity": "5"})
+    send_message(sender=alice, target=tim3.id, tags={"Action": "Balance"})
+
+    holder_has_locks, release = threading.Event(), threading.Event()
+
+    def other_worker():
+        try:
+            with transaction.atomic():
+                lock_process(usda.id)
+                lock_process(tim3.id)
+                holder_has_locks.set()
+                release.wait(timeout=10)
+        finally:
+            connections.close_all()
+
+    busy_attempts = []
+    real_drain = tasks.drain_mailbox
+
+    def counting_drain(**kwargs):
+        try:
+            return real_drain(**kwargs)
+        except ProcessBusy:
+            busy_attempts.append(kwargs["process_id"])
+            raise
+
+    monkeypatch.setattr(tasks, "drain_mailbox", counting_drain)
+    holder = threading.Thread(target=other_worker)
+    holder.start()
+    assert holder_has_locks.wait(timeout=10)
+    threading.Timer(0.5, release.set).start()
+    rung = {usda.id, tim3.id}
+    tasks.follow_cascade(rung, seconds=10)
+    holder.join(timeout=10)
+    assert rung == set() and processes_with_pending() == []
+    assert len(busy_attempts) == 2  # one look at each, then it waits for the lock rather than asking again and again

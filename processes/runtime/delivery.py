@@ -263,14 +263,16 @@ _IS_PROCESS_MAX = 100_000
 
 def _deliver_to_wallets(rows: list[Message], now: int) -> None:
     """A wallet has no handlers: a message to it is delivered as it is written."""
-    unknown = {row.target for row in rows} - _is_process.keys()
+    known = {row.target: _is_process.get(row.target) for row in rows}  # a local copy: the cache may be cleared
+    unknown = [address for address, is_process in known.items() if is_process is None]
     if unknown:
+        found = set(Process.objects.filter(pk__in=unknown).values_list("id", flat=True))
         if len(_is_process) > _IS_PROCESS_MAX:
             _is_process.clear()
-        found = set(Process.objects.filter(pk__in=unknown).values_list("id", flat=True))
-        _is_process.update({address: address in found for address in unknown})
+        for address in unknown:
+            known[address] = _is_process[address] = address in found
     for row in rows:
-        if not _is_process[row.target]:
+        if not known[row.target]:
             row.status = Message.APPLIED
             row.applied_at = now
 
