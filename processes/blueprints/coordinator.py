@@ -18,7 +18,7 @@ from django.db.models import Sum
 
 from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, CoordinatorState, Operation
 from processes.runtime.builtins import message_status
-from processes.runtime.handlers import HandlerError, Handlers
+from processes.runtime.handlers import HandlerError, Handlers, own_state
 from processes.runtime.ids import is_id
 from processes.runtime.models import Message
 from processes.runtime.quantities import format_units, parse_quantity
@@ -63,14 +63,7 @@ HOUR_MS, DAY_MS, MINUTE_MS = 3_600_000, 86_400_000, 60_000
 # --- helpers ------------------------------------------------------------------------------
 
 def config(ctx) -> CoordinatorState:
-    """The coordinator's state, read once per drain batch (Context.memo): every
-    handler sees, changes and saves this one object, never the row behind its back."""
-    if "config" not in ctx.memo:
-        try:
-            ctx.memo["config"] = CoordinatorState.objects.get(process=ctx.process)
-        except CoordinatorState.DoesNotExist:
-            raise HandlerError("The coordinator has not been spawned.") from None
-    return ctx.memo["config"]
+    return own_state(ctx, CoordinatorState, missing="The coordinator has not been spawned.")
 
 
 def has_role(ctx, address: str, *roles: str) -> bool:

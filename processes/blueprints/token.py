@@ -10,7 +10,7 @@ from django.db.models import F, Q, Sum
 
 from processes.blueprints.state import FaucetGrant, TokenAccount, TokenMinter, TokenOperation, TokenState
 from processes.runtime.builtins import message_status
-from processes.runtime.handlers import HandlerError, Handlers
+from processes.runtime.handlers import HandlerError, Handlers, own_state
 from processes.runtime.ids import is_id
 from processes.runtime.models import Message
 from processes.runtime.quantities import MAX_SUPPLY, format_units, parse_quantity
@@ -25,14 +25,8 @@ REDEMPTION_ACTIONS = ("RedeemTIM3", "BurnTIM3")
 # --- helpers --------------------------------------------------------------------
 
 def state(ctx) -> TokenState:
-    """The token's state, read once per drain batch (Context.memo); every write goes through
-    this object (change_supply updates it as it updates the row)."""
-    if "token" not in ctx.memo:
-        try:
-            ctx.memo["token"] = TokenState.objects.get(process=ctx.process)
-        except TokenState.DoesNotExist:
-            raise HandlerError("This token has not been spawned.") from None
-    return ctx.memo["token"]
+    # change_supply updates this object as it updates the row
+    return own_state(ctx, TokenState, missing="This token has not been spawned.")
 
 
 def balance_of(ctx, address: str) -> TokenAccount | None:

@@ -12,6 +12,19 @@ class HandlerError(Exception):
     `<Action>-Error` with this text as `Error`."""
 
 
+def own_state(ctx, model, *, missing: str):
+    """The process's one state row of `model` (keyed by process), read once per drain
+    batch (Context.memo): every handler sees, changes and saves this one object,
+    never the row behind its back. `missing` is the refusal when it does not exist."""
+    key = model._meta.label
+    if key not in ctx.memo:
+        try:
+            ctx.memo[key] = model.objects.get(process=ctx.process)
+        except model.DoesNotExist:
+            raise HandlerError(missing) from None
+    return ctx.memo[key]
+
+
 @dataclass(frozen=True)
 class Handler:
     name: str
