@@ -23,7 +23,8 @@ from processes.flows import Flow
 from processes.invariants import check_invariants
 from processes.runtime.models import Message
 from processes.services import active_coordinator
-from tests.test_embedded import ROOT, embedded_env, manage  # noqa: F401 - the fixture, used by name below
+from tests.scaled.stack import manage
+from tests.test_embedded import ROOT, embedded_env  # noqa: F401 - the fixture, used by name below
 from tim3web.models import Account
 
 FLOWS = 12

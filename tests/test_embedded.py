@@ -5,29 +5,19 @@ other processes are applied within about a second and stream as hop events."""
 
 import json
 import os
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from processes.runtime.ids import new_id
-from tests.scaled.stack import orphan_guard
+from tests.scaled.stack import manage, serving
 
 pytestmark = pytest.mark.embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = "tim3-timing"  # shown by the terminal summary in tests/scaled/conftest.py
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -37,48 +27,13 @@ def embedded_env(tmp_path):
     return env
 
 
-def manage(env, *args, timeout: float = 120) -> str:
-    result = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, f"manage.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
 @pytest.fixture
 def server(embedded_env, tmp_path):
     """`manage.py migrate`, `bootstrap`, then `serve --port <free>`; yields its base URL."""
     manage(embedded_env, "migrate", "--noinput")
     manage(embedded_env, "bootstrap")
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        popen = subprocess.Popen(
-            [*orphan_guard(), sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=embedded_env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert popen.poll() is None, f"serve exited with {popen.returncode}:\n{log_path.read_text()}"
-            try:
-                with urllib.request.urlopen(base + "/", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"serve did not answer within 60s:\n{log_path.read_text()}"
-            time.sleep(0.1)
+    with serving(embedded_env, tmp_path / "serve.log") as base:
         yield base
-    finally:
-        popen.terminate()
-        try:
-            popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout=10)
 
 
 def message_row(db_path: Path, msg_id: str):

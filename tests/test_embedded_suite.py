@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from tests.scaled.stack import TIMING, orphan_guard
-from tests.test_embedded import ROOT, free_port, manage
+from tests.scaled.stack import TIMING, manage, serving
+from tests.test_embedded import ROOT
 
 pytestmark = pytest.mark.embedded
 
@@ -32,34 +32,9 @@ def served(app_env, tmp_path):
     """`make run`: migrate, bootstrap, `serve --port <free>`; yields (base URL, serve log path)."""
     manage(app_env, "migrate", "--noinput")
     manage(app_env, "bootstrap")
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        popen = subprocess.Popen(
-            [*orphan_guard(), sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=app_env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert popen.poll() is None, f"serve exited with {popen.returncode}:\n{log_path.read_text()}"
-            try:
-                with urllib.request.urlopen(base + "/api/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"serve did not answer within 60s:\n{log_path.read_text()}"
-            time.sleep(0.1)
+    with serving(app_env, log_path, probe="/api/health") as base:
         yield base, log_path
-    finally:
-        popen.terminate()
-        try:
-            popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout=10)
 
 
 def suite_rows(output: str) -> dict[str, str]:

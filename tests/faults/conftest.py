@@ -7,31 +7,20 @@ import os
 
 import pytest
 
-from tests.scaled.stack import RedisServer, Scaled, celery_broker, purge_broker, scaled_env_problem
+from tests.scaled.stack import (  # noqa: F401 - require_postgres_and_redis: an autouse fixture
+    RedisServer,
+    Scaled,
+    celery_broker,
+    purge_broker,
+    require_postgres_and_redis,
+    summarize_figures,
+)
 
 FIGURES = "tim3-faults"  # user property: a line of the fault run's figures, shown at the end of the run
 
 
 def pytest_terminal_summary(terminalreporter):
-    lines = [
-        f"{report.nodeid.split('::')[-1]}: {value}"
-        for reports in terminalreporter.stats.values()
-        for report in reports
-        if getattr(report, "when", None) == "call"
-        for name, value in getattr(report, "user_properties", ())
-        if name == FIGURES
-    ]
-    if lines:
-        terminalreporter.section("TIM3 fault injection")
-        for line in lines:
-            terminalreporter.write_line(line)
-
-
-@pytest.fixture(autouse=True)
-def _require_postgres_and_redis():
-    problem = scaled_env_problem()
-    if problem:
-        pytest.skip(problem)
+    summarize_figures(terminalreporter, name=FIGURES, title="TIM3 fault injection")
 
 
 @pytest.fixture

@@ -5,16 +5,9 @@ import shutil
 
 import pytest
 
-from tests.scaled.stack import ROOT, Scaled, purge_broker, scaled_env_problem
+from tests.scaled.stack import ROOT, Scaled, purge_broker, require_postgres_and_redis  # noqa: F401 - autouse fixture
 
 LOG_DIR = ROOT / "test-artifacts" / "reliability" / "load-logs"  # kept after the run (tmp_path is not, for long)
-
-
-@pytest.fixture(autouse=True)
-def _require_postgres_and_redis():
-    problem = scaled_env_problem()
-    if problem:
-        pytest.skip(problem)
 
 
 @pytest.fixture

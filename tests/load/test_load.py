@@ -25,7 +25,6 @@ import json
 import os
 import random
 import secrets
-import socket
 import statistics
 import sys
 import threading
@@ -42,7 +41,7 @@ from django.db import connection
 from processes.flows import FINAL_STATUSES, Flow
 from processes.runtime.models import Message
 from processes.services import bootstrap_system
-from tests.scaled.stack import ROOT, pending_count
+from tests.scaled.stack import ROOT, free_port, pending_count
 
 pytestmark = [pytest.mark.scaled, pytest.mark.django_db(transaction=True)]
 
@@ -62,12 +61,6 @@ ARTIFACT = ROOT / "test-artifacts" / "reliability" / "load.json"
 
 
 # --- the stack ----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def start_daphne(stack, *, timeout: float = 60.0):
     """`daphne tim3web.asgi:application` on a free port, the workers' env, fast password hashing."""

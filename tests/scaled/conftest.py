@@ -10,30 +10,18 @@ database is flushed at the end of each test.
 
 import pytest
 
-from tests.scaled.stack import TIMING, Scaled, purge_broker, scaled_env_problem
+from tests.scaled.stack import (  # noqa: F401 - require_postgres_and_redis: an autouse fixture
+    TIMING,
+    Scaled,
+    purge_broker,
+    require_postgres_and_redis,
+    summarize_figures,
+)
 
 
 def pytest_terminal_summary(terminalreporter):
     """Print the figures the scaled and embedded tests measured (not assertions)."""
-    lines = [
-        f"{report.nodeid.split('::')[-1]}: {value}"
-        for reports in terminalreporter.stats.values()
-        for report in reports
-        if getattr(report, "when", None) == "call"
-        for name, value in getattr(report, "user_properties", ())
-        if name == TIMING
-    ]
-    if lines:
-        terminalreporter.section("TIM3 timings")
-        for line in lines:
-            terminalreporter.write_line(line)
-
-
-@pytest.fixture(autouse=True)
-def _require_postgres_and_redis():
-    problem = scaled_env_problem()
-    if problem:
-        pytest.skip(problem)
+    summarize_figures(terminalreporter, name=TIMING, title="TIM3 timings")
 
 
 @pytest.fixture

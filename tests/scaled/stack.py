@@ -452,3 +452,112 @@ def verify_clean() -> None:
     except SystemExit:
         pytest.fail("manage.py verify found problems:\n" + out.getvalue())
     assert "verify: clean" in out.getvalue()
+
+
+def report(request, text: str) -> None:
+    """A figure worth seeing in the run's output (the TIM3 timings section), not an assertion."""
+    request.node.user_properties.append((TIMING, text))
+
+
+def summarize_figures(terminalreporter, *, name: str, title: str) -> None:
+    """pytest_terminal_summary body: every `name` user property of this run, under `title`."""
+    lines = [
+        f"{report.nodeid.split('::')[-1]}: {value}"
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for prop, value in getattr(report, "user_properties", ())
+        if prop == name
+    ]
+    if lines:
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def require_postgres_and_redis():
+    """Imported by the conftest of every suite that runs the scaled stack."""
+    problem = scaled_env_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def drains_run(services) -> dict[str, int]:
+    """How many drain tasks each worker ran (Celery's own counters)."""
+    from tim3web.celery import app
+
+    stats = app.control.inspect(destination=[s.nodename for s in services], timeout=5).stats() or {}
+    return {node: s.get("total", {}).get("processes.tasks.drain", 0) for node, s in stats.items()}
+
+
+def in_threads(calls: list, *, threads: int = 10) -> list:
+    """Call each zero-argument callable, from `threads` threads started together; results in order."""
+    from django.db import connections
+
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def run(indices):
+        try:
+            barrier.wait()
+            for i in indices:
+                results[i] = calls[i]()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()  # this thread's connection
+
+    pool = [threading.Thread(target=run, args=(range(k, len(calls), threads),)) for k in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, f"calls failed: {errors[:3]}"
+    return results
+
+
+def manage(env: dict, *args, timeout: float = 120) -> str:
+    """`manage.py <args>` as a subprocess with `env`; its stdout, or the test fails with its output."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, f"manage.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@contextmanager
+def serving(env: dict, log_path: Path, *, probe: str = "/"):
+    """`manage.py serve --port <free>` (what `make run` starts) until it answers `probe`
+    with 200; yields its base URL, and stops it afterwards."""
+    import urllib.request
+
+    port = free_port()
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [*orphan_guard(), sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert popen.poll() is None, f"serve exited with {popen.returncode}:\n{log_path.read_text()}"
+            try:
+                with urllib.request.urlopen(base + probe, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"serve did not answer within 60s:\n{log_path.read_text()}"
+            time.sleep(0.1)
+        yield base
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=10)

@@ -6,12 +6,12 @@ was never rung (the sweeper, from a real `celery beat`)."""
 import asyncio
 import random
 import signal
-import threading
 import time
 from collections import Counter, defaultdict
+from functools import partial
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 
 from processes.blueprints.state import TokenAccount, TokenState
 from processes.runtime.delivery import send_message
@@ -20,7 +20,7 @@ from processes.runtime.models import Message, Process
 from processes.runtime.quantities import UNIT
 from processes.services import bootstrap_system
 from processes.tasks import drain, sweep
-from tests.scaled.stack import TIMING, broker_backlog, pending_count, verify_clean, wait_until_idle
+from tests.scaled.stack import broker_backlog, drains_run, in_threads, pending_count, report, verify_clean, wait_until_idle
 
 pytestmark = [pytest.mark.scaled, pytest.mark.django_db(transaction=True)]
 
@@ -30,35 +30,10 @@ OVERDRAFT = 1_000_000 * UNIT  # more than the whole supply: always fails
 
 # --- helpers ---------------------------------------------------------------------
 
-def report(request, text: str) -> None:
-    """A figure worth seeing in the run's output (not an assertion)."""
-    request.node.user_properties.append((TIMING, text))
-
-
 def send_concurrently(jobs: list[tuple[str, str, dict]], *, threads: int = 8) -> list[Message]:
     """send_message for each (sender, target, tags), from `threads` threads at once."""
-    results: list[Message | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads)
-
-    def run(indices):
-        try:
-            start.wait()
-            for i in indices:
-                sender, target, tags = jobs[i]
-                results[i] = send_message(sender=sender, target=target, tags=tags)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connections.close_all()  # this thread's connection
-
-    pool = [threading.Thread(target=run, args=(range(k, len(jobs), threads),)) for k in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    assert not errors, f"sending failed: {errors[:3]}"
-    return results
+    return in_threads([partial(send_message, sender=sender, target=target, tags=tags) for sender, target, tags in jobs],
+                      threads=threads)
 
 
 def fund(usda: Process, wallets: list[str], scaled) -> dict[str, int]:
@@ -138,14 +113,6 @@ def check_slots() -> None:
         assert set(slots.values()) == {1}, f"{process.name}: a slot is used twice"
 
 
-def drains_run(scaled, services) -> dict[str, int]:
-    """How many drain tasks each worker ran (Celery's own counters)."""
-    from tim3web.celery import app
-
-    stats = app.control.inspect(destination=[s.nodename for s in services], timeout=5).stats() or {}
-    return {node: s.get("total", {}).get("processes.tasks.drain", 0) for node, s in stats.items()}
-
-
 def open_write_transaction(service) -> tuple[int, str, float] | None:
     """(backend pid, xid, seconds open) if the worker holds an open write transaction."""
     with connection.cursor() as cursor:
@@ -182,7 +149,7 @@ def test_concurrent_transfers_on_two_workers(scaled, request):
     assert failed >= 10 and applied >= 100, (applied, failed)
     check_slots()
     verify_clean()
-    per_worker = drains_run(scaled, workers)
+    per_worker = drains_run(workers)
     assert len(per_worker) == 2 and all(per_worker.values()), f"both workers should have drained: {per_worker}"
     report(request, f"{len(sent)} transfers ({applied} applied, {failed} failed) sent in {sending:.2f}s, "
                     f"all applied {waited:.2f}s later; drains per worker {sorted(per_worker.values())}")
@@ -250,7 +217,7 @@ def test_same_drain_enqueued_five_times_on_two_workers(scaled, request, settings
     settings.TIM3_DOORBELL = "none"
     sent = send_concurrently(transfer_jobs(usda, wallets, 290, seed=3), threads=8)
     settings.TIM3_DOORBELL = "celery"
-    before = drains_run(scaled, workers)
+    before = drains_run(workers)
     for _ in range(5):
         drain.delay(usda.id)
     waited = wait_until_idle(scaled)
@@ -258,7 +225,7 @@ def test_same_drain_enqueued_five_times_on_two_workers(scaled, request, settings
     applied, failed = check_transfers(usda, funded, sent)
     check_slots()
     verify_clean()
-    after = drains_run(scaled, workers)
+    after = drains_run(workers)
     ran = {node: after[node] - before.get(node, 0) for node in after}
     assert len(ran) == 2 and all(ran.values()), f"both workers should have run the drain: {ran}"
     report(request, f"{len(sent)} transfers, drain x5 on 2 workers (batch 25): drains run {sorted(ran.values())}, "

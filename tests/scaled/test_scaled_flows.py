@@ -13,15 +13,11 @@ separate `celery -A tim3web worker` processes delivering every hop.
 import random
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from functools import partial
-from io import StringIO
 
 import pytest
-from django.core.management import call_command
-from django.db import connections
 
 from processes import actions
 from processes.blueprints.state import Operation, Position, TokenAccount
@@ -31,7 +27,7 @@ from processes.runtime.ids import new_id
 from processes.runtime.models import Message
 from processes.runtime.quantities import UNIT
 from processes.services import bootstrap_system
-from tests.scaled.stack import ROOT, TIMING, wait_until_idle
+from tests.scaled.stack import ROOT, drains_run, in_threads, report, verify_clean, wait_until_idle
 from tests.test_flows import (
     BURN_HOPS,
     LOCK_MINT_HOPS,
@@ -55,29 +51,6 @@ U = UNIT
 
 # --- helpers ---------------------------------------------------------------------------
 
-def report(request, text: str) -> None:
-    """A figure worth seeing in the run's output (the TIM3 timings section), not an assertion."""
-    request.node.user_properties.append((TIMING, text))
-
-
-def verify_clean() -> None:
-    """`manage.py verify`: every invariant, and the message log replays to the live state."""
-    out = StringIO()
-    try:
-        call_command("verify", stdout=out)
-    except SystemExit:
-        pytest.fail("manage.py verify found problems:\n" + out.getvalue())
-    assert "verify: clean" in out.getvalue()
-
-
-def drains_run(scaled, services) -> dict[str, int]:
-    """How many drain tasks each worker ran (Celery's own counters)."""
-    from tim3web.celery import app
-
-    stats = app.control.inspect(destination=[s.nodename for s in services], timeout=5).stats() or {}
-    return {node: s.get("total", {}).get("processes.tasks.drain", 0) for node, s in stats.items()}
-
-
 def wait_flows(flows: list[Flow], scaled, *, timeout: float = 120.0) -> list[Flow]:
     """Wait until the workers ended these flows and nothing at all is in flight; return them fresh."""
     ids = [f.id for f in flows]
@@ -96,31 +69,6 @@ def wait_flows(flows: list[Flow], scaled, *, timeout: float = 120.0) -> list[Flo
 def run_flow(flow: Flow, scaled) -> Flow:
     [flow] = wait_flows([flow], scaled)
     return flow
-
-
-def in_threads(calls: list, *, threads: int = 10) -> list:
-    """Call each zero-argument callable, from `threads` threads started together; results in order."""
-    results: list = [None] * len(calls)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(threads)
-
-    def run(indices):
-        try:
-            barrier.wait()
-            for i in indices:
-                results[i] = calls[i]()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connections.close_all()  # this thread's connection
-
-    pool = [threading.Thread(target=run, args=(range(k, len(calls), threads),)) for k in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    assert not errors, f"requests failed: {errors[:3]}"
-    return results
 
 
 def configure_and_wait(scaled, **limits: int) -> None:
@@ -208,7 +156,7 @@ def test_four_flows_hop_by_hop_on_two_workers(scaled, request):
     assert books() == {"custody": 45 * U, "collateral": 90 * U, "outstanding": 135 * U, "payouts_committed": 0}
     assert_settled_clean()
 
-    per_worker = drains_run(scaled, workers)
+    per_worker = drains_run(workers)
     assert len(per_worker) == 2 and all(per_worker.values()), f"both workers should have delivered hops: {per_worker}"
     report(request, f"faucet + 4 flows hop by hop in {time.monotonic() - started:.2f}s; "
                     f"drains per worker {sorted(per_worker.values())}")
@@ -338,7 +286,7 @@ def test_fifty_wallets_deposit_and_redeem_at_once_within_the_limits(scaled, requ
     assert_settled_clean()
     verified = time.monotonic() - verify_started
 
-    per_worker = drains_run(scaled, workers)
+    per_worker = drains_run(workers)
     assert len(per_worker) == 2 and all(per_worker.values()), f"both workers should have delivered: {per_worker}"
     counts = ", ".join(f"{kind} {mode} {status} {n}" for (kind, mode, status), n in sorted(statuses.items()))
     report(request, f"{WALLETS} wallets funded + first deposits in {funded:.2f}s; burst of {len(burst)} requests "
@@ -381,6 +329,6 @@ def test_integration_suite_passes_in_scaled_mode(scaled, request):
     wait_until_idle(scaled)
     assert not Flow.objects.filter(status=Flow.PENDING).exists()
     assert_settled_clean()
-    per_worker = drains_run(scaled, workers)
+    per_worker = drains_run(workers)
     report(request, f"integration_suite: 12 PASS in {took:.2f}s on 2 workers "
                     f"(drains per worker {sorted(per_worker.values())})")
