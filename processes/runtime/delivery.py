@@ -85,9 +85,14 @@ def lock_process(process_id: str, *, wait: bool = True) -> Process:
     try:
         return qs.get(pk=process_id)
     except Process.DoesNotExist:
-        if not wait and Process.objects.filter(pk=process_id).exists():
-            raise ProcessBusy(process_id) from None
-        raise
+        raise _not_locked(process_id, wait=wait) from None
+
+
+def _not_locked(process_id: str, *, wait: bool) -> Exception:
+    """Why locking found no row: another drainer holds it (SKIP LOCKED), or there is no such process."""
+    if not wait and Process.objects.filter(pk=process_id).exists():
+        return ProcessBusy(process_id)
+    return Process.DoesNotExist(process_id)
 
 
 def _next_wallet_reference(address: str) -> int:
@@ -369,9 +374,7 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True) -> tupl
         found = _rows_to_models(Process, lock_cursor)
         pending = _rows_to_models(Message, pending_cursor)
     if not found:
-        if not wait and Process.objects.filter(pk=process_id).exists():
-            raise ProcessBusy(process_id)
-        raise Process.DoesNotExist(process_id)
+        raise _not_locked(process_id, wait=wait)
     return found[0], pending
 
 
