@@ -36,7 +36,8 @@ def follow_cascade(rung: set[str], *, seconds: float) -> None:
         for process_id in sorted(rung):
             rung.discard(process_id)
             try:
-                drain_mailbox(process_id=process_id, wait=stuck or (not busy and not rung))
+                drain_mailbox(process_id=process_id, wait=stuck or (not busy and not rung),
+                              follow=settings.TIM3_FOLLOW_DRAINS)
                 drained = True
             except ProcessBusy:
                 busy.add(process_id)
@@ -55,7 +56,8 @@ def drain(self, process_id: str, isolate: bool = False) -> int:
     close_old_connections()
     try:
         with collecting_doorbells() as rung:
-            applied = drain_mailbox(process_id=process_id, batch_size=1 if isolate else None)
+            applied = drain_mailbox(process_id=process_id, batch_size=1 if isolate else None,
+                                    follow=0 if isolate else settings.TIM3_FOLLOW_DRAINS)
             follow_cascade(rung, seconds=settings.TIM3_FOLLOW_SECONDS)
         ring_doorbells(rung)
         return applied

@@ -9,6 +9,7 @@ is exactly "committed, but the doorbell never rang".
 import io
 import random
 import threading
+from contextlib import contextmanager
 
 import pytest
 from django.core.management import call_command
@@ -122,6 +123,34 @@ def faucet(usda, address, whole_usda=1000):
 
 def children(msg) -> list[Message]:
     return list(Message.objects.filter(parent_id=msg.msg_id).order_by("seq"))
+
+
+@contextmanager
+def another_worker_holding(*process_ids):
+    """These processes' row locks held on another connection, as a drain holds them,
+    until the block ends or the yielded event is set (Postgres)."""
+    from django.db import connections
+
+    has_locks, release = threading.Event(), threading.Event()
+
+    def hold():
+        try:
+            with transaction.atomic():
+                for process_id in process_ids:
+                    lock_process(process_id)
+                has_locks.set()
+                release.wait(timeout=10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert has_locks.wait(timeout=10)
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join(timeout=10)
 
 
 def slots_of(process) -> list[int]:
@@ -600,7 +629,6 @@ def test_following_a_cascade_skips_a_process_another_worker_holds_and_comes_back
     draining (it would idle), and does not drop it either: it tries again."""
     if connection.vendor == "sqlite":
         pytest.skip("row locks (select_for_update skip_locked): this test runs on Postgres only")
-    from django.db import connections
 
     from processes.tasks import follow_cascade
 
@@ -609,26 +637,12 @@ def test_following_a_cascade_skips_a_process_another_worker_holds_and_comes_back
     faucet(usda, alice)
     send_message(sender=alice, target=usda.id, tags={"Action": "Transfer", "Recipient": bob, "Quantity": "5"})
 
-    holder_has_lock, release = threading.Event(), threading.Event()
-
-    def other_worker():  # holds the USDA process row as a drain would, on its own connection
-        try:
-            with transaction.atomic():
-                lock_process(usda.id)
-                holder_has_lock.set()
-                release.wait(timeout=10)
-        finally:
-            connections.close_all()
-
-    holder = threading.Thread(target=other_worker)
-    holder.start()
-    assert holder_has_lock.wait(timeout=10)
-    with pytest.raises(ProcessBusy):
-        drain_mailbox(process_id=usda.id, wait=False)
-    threading.Timer(0.3, release.set).start()
-    rung = {usda.id}
-    follow_cascade(rung, seconds=10)  # busy at first; applied once the other lets go
-    holder.join(timeout=10)
+    with another_worker_holding(usda.id) as release:
+        with pytest.raises(ProcessBusy):
+            drain_mailbox(process_id=usda.id, wait=False)
+        threading.Timer(0.3, release.set).start()
+        rung = {usda.id}
+        follow_cascade(rung, seconds=10)  # busy at first; applied once the other lets go
     assert rung == set()
     assert balance(usda, bob) == 5
     assert processes_with_pending() == []
@@ -638,7 +652,6 @@ def test_following_a_cascade_skips_a_process_another_worker_holds_and_comes_back
 def test_a_follower_left_with_only_busy_processes_waits_instead_of_polling(system, wallet, monkeypatch):
     if connection.vendor == "sqlite":
         pytest.skip("row locks (select_for_update skip_locked): this test runs on Postgres only")
-    from django.db import connections
 
     from processes import tasks
 
@@ -647,18 +660,6 @@ def test_a_follower_left_with_only_busy_processes_waits_instead_of_polling(syste
     faucet(usda, alice)
     send_message(sender=alice, target=usda.id, tags={"Action": "Transfer", "Recipient": wallet(), "Quantity": "5"})
     send_message(sender=alice, target=tim3.id, tags={"Action": "Balance"})
-
-    holder_has_locks, release = threading.Event(), threading.Event()
-
-    def other_worker():
-        try:
-            with transaction.atomic():
-                lock_process(usda.id)
-                lock_process(tim3.id)
-                holder_has_locks.set()
-                release.wait(timeout=10)
-        finally:
-            connections.close_all()
 
     busy_attempts = []
     real_drain = tasks.drain_mailbox
@@ -671,12 +672,119 @@ def test_a_follower_left_with_only_busy_processes_waits_instead_of_polling(syste
             raise
 
     monkeypatch.setattr(tasks, "drain_mailbox", counting_drain)
-    holder = threading.Thread(target=other_worker)
-    holder.start()
-    assert holder_has_locks.wait(timeout=10)
-    threading.Timer(0.5, release.set).start()
-    rung = {usda.id, tim3.id}
-    tasks.follow_cascade(rung, seconds=10)
-    holder.join(timeout=10)
+    with another_worker_holding(usda.id, tim3.id) as release:
+        threading.Timer(0.5, release.set).start()
+        rung = {usda.id, tim3.id}
+        tasks.follow_cascade(rung, seconds=10)
     assert rung == set() and processes_with_pending() == []
     assert len(busy_attempts) == 2  # one look at each, then it waits for the lock rather than asking again and again
+
+
+# --- following a cascade inside one transaction --------------------------------------------
+
+def test_one_drain_that_follows_its_cascade_completes_a_deposit_in_one_transaction(system, wallet):
+    usda, tim3, coordinator = system["usda"], system["tim3"], system["coordinator"]
+    alice = wallet()
+    faucet(usda, alice)
+    deposit = send_message(sender=alice, target=usda.id,
+                           tags={"Action": "Transfer", "Recipient": coordinator.id, "Quantity": str(10 * UNIT)})
+
+    # Transfer, Credit-Notice, Mint, Mint-Response, UpdatePosition, UpdatePosition-Response:
+    # six handlers in four processes (the coordinator three times), one call.
+    assert drain_mailbox(process_id=usda.id, follow=8) == 6
+    assert processes_with_pending() == []
+    assert balance(tim3, alice) == 10 * UNIT
+    final = Message.objects.get(pushed_for=deposit.msg_id, action="Deposit-Complete")
+    assert (final.target, final.status, final.get("Flow-Status")) == (alice, Message.APPLIED, "completed")
+    for process in (usda, tim3, coordinator, system["state-manager"]):
+        assert slots_of(process) == list(range(1, len(slots_of(process)) + 1))
+    assert check_invariants() == []
+    assert replay_all().differences == []  # the log rebuilds what the followed drains did
+
+
+def test_following_drains_commit_together_or_not_at_all(system, wallet, monkeypatch):
+    """The database's own trouble in a followed drain (a lost connection, a lock timeout)
+    rolls the whole transaction back, the first drain too: the task retries it all."""
+    from django.db import OperationalError
+
+    from processes.blueprints import coordinator as coordinator_blueprint
+
+    usda, coordinator = system["usda"], system["coordinator"]
+    alice = wallet()
+    faucet(usda, alice)
+    usda_before = balance(usda, alice)
+    transfer = send_message(sender=alice, target=usda.id,
+                            tags={"Action": "Transfer", "Recipient": coordinator.id, "Quantity": str(UNIT)})
+
+    def lost_connection(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(coordinator_blueprint, "check_mint_allowed", lost_connection)
+    with pytest.raises(OperationalError):
+        drain_mailbox(process_id=usda.id, follow=8)
+    transfer.refresh_from_db()
+    assert transfer.status == Message.PENDING and transfer.slot is None
+    assert balance(usda, alice) == usda_before
+    assert not Message.objects.filter(parent_id=transfer.msg_id).exists()
+
+    monkeypatch.undo()
+    assert drain_mailbox(process_id=usda.id, follow=8) == 6
+    assert check_invariants() == []
+
+
+def test_a_handler_that_raises_in_a_followed_drain_is_left_to_a_drain_of_its_own(
+        test_process, wallet, settings, django_capture_on_commit_callbacks):
+    """The followed drain is rolled back to its savepoint (the first drain stays) and its
+    process is rung again; its own drain then answers the error as usual."""
+    from processes.runtime.delivery import collecting_doorbells
+
+    settings.TIM3_DOORBELL = "celery"  # rung doorbells go to the collector below, never a broker
+    starter, refuser = test_process("starter"), test_process("refuser")
+    alice = wallet()
+    start = send_message(sender=alice, target=starter.id, tags={"Action": "Start-Poke", "Other": refuser.id})
+
+    with collecting_doorbells() as rung, django_capture_on_commit_callbacks(execute=True):
+        assert drain_mailbox(process_id=starter.id, follow=8) == 1
+    assert rung == {refuser.id}
+    poke = Message.objects.get(parent_id=start.msg_id)
+    assert (poke.action, poke.status, poke.slot) == ("Poke", Message.PENDING, None)
+    start.refresh_from_db()
+    assert (start.status, start.slot) == (Message.APPLIED, 1)
+
+    with collecting_doorbells():
+        drain_mailbox(process_id=refuser.id, follow=8)
+    poke.refresh_from_db()
+    assert (poke.status, poke.error, poke.slot) == (Message.FAILED, "poke refused", 1)
+    run_until_idle()
+    error = Message.objects.get(parent_id=poke.msg_id)
+    error.refresh_from_db()
+    assert (error.action, error.status, error.error) == ("Poke-Error", Message.FAILED, "cannot handle this error either")
+    assert slots_of(starter) == [1, 2] and slots_of(refuser) == [1]
+    assert processes_with_pending() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_following_skips_a_process_another_worker_holds_and_rings_it(system, wallet, settings):
+    """A followed process is locked only if free (SKIP LOCKED): holding locks, a drain never
+    waits for another, so two workers following cascades cannot deadlock."""
+    if connection.vendor == "sqlite":
+        pytest.skip("row locks (select_for_update skip_locked): this test runs on Postgres only")
+
+    from processes.runtime.delivery import collecting_doorbells
+    from processes.tasks import follow_cascade
+
+    settings.TIM3_DOORBELL = "celery"
+    usda, tim3, coordinator = system["usda"], system["tim3"], system["coordinator"]
+    alice = wallet()
+    faucet(usda, alice)
+    send_message(sender=alice, target=usda.id,
+                 tags={"Action": "Transfer", "Recipient": coordinator.id, "Quantity": str(UNIT)})
+    with another_worker_holding(coordinator.id), collecting_doorbells() as rung:
+        assert drain_mailbox(process_id=usda.id, follow=8) == 1  # the Transfer; the coordinator is busy
+    assert rung == {coordinator.id}
+    assert Message.objects.get(target=coordinator.id, action="Credit-Notice").status == Message.PENDING
+    with collecting_doorbells():
+        follow_cascade(rung, seconds=10)
+    assert processes_with_pending() == []
+    assert balance(tim3, alice) == UNIT
+    assert check_invariants() == []

@@ -183,6 +183,9 @@ TIM3_DOORBELL = os.environ.get("TIM3_DOORBELL", "celery")
 TIM3_DRAIN_BATCH = int(os.environ.get("TIM3_DRAIN_BATCH", "200"))
 # A worker follows the cascade it started for this long before handing the rest to the broker.
 TIM3_FOLLOW_SECONDS = float(os.environ.get("TIM3_FOLLOW_SECONDS", "0.25"))
+# ...and takes up to this many of the woken processes into the same transaction (one commit
+# for several hops; 0 = one transaction per drain).
+TIM3_FOLLOW_DRAINS = int(os.environ.get("TIM3_FOLLOW_DRAINS", "8"))
 TIM3_MAX_ATTEMPTS = int(os.environ.get("TIM3_MAX_ATTEMPTS", "5"))
 TIM3_SWEEP_AFTER_MS = int(os.environ.get("TIM3_SWEEP_AFTER_MS", "2000"))
 

@@ -11,6 +11,7 @@
 import logging
 import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 from django.conf import settings
@@ -284,43 +285,97 @@ def _deliver_to_wallets(rows: list[Message], now: int) -> None:
 
 _APPLY_FIELDS = ("slot", "status", "error", "handled", "applied_at", "result")
 
+# A statement to run later in a pipeline: (sql, params) or, with many=True, (sql, list of params).
+Statement = tuple[str, list, bool]
 
-def write_drain(*, process: Process, applied: list[Message], outgoing: list[Message]) -> None:
-    """Write what a drain did: the applied messages' outcome, the messages they
-    sent, and the process's counters.
 
-    On Postgres in one round trip: the statements go out in a psycopg pipeline
-    and Postgres answers them together (Django's bulk_update builds a CASE per
-    row and field, which took longer than the handlers; bulk_create and save
-    would each wait for their own answer). Nothing here needs an answer: the
-    new rows' seq is never read back.
-    """
+@dataclass
+class Drained:
+    """One process's batch, applied in memory: what `write_statements` will write."""
+
+    process: Process
+    applied: list[Message]
+    outgoing: list[Message]
+    full: bool  # the batch was full: more may be waiting
+
+    @property
+    def settled(self) -> list[Message]:
+        """The hops this batch settled: its messages, then what it delivered to wallets."""
+        return self.applied + [row for row in self.outgoing if row.status != Message.PENDING]
+
+    def woken(self, wake: set[str]) -> None:
+        """Update the set of processes with work waiting, as far as this transaction knows."""
+        if self.full:
+            wake.add(self.process.id)
+        else:
+            wake.discard(self.process.id)  # its mailbox was emptied (it may get more below)
+        wake.update(row.target for row in self.outgoing if row.status == Message.PENDING)
+
+
+def write_statements(drained: Drained) -> list[Statement]:
+    """What a drain writes: the applied messages' outcome, the messages they sent,
+    and the process's counters. None needs an answer (the new rows' seq is never
+    read back), so they go out in a psycopg pipeline with the next statements
+    (Django's bulk_update builds a CASE per row and field, which took longer than
+    the handlers; bulk_create and save would each wait for their own answer)."""
     qn = connection.ops.quote_name
     table = qn(Message._meta.db_table)
     set_fields = [Message._meta.get_field(name) for name in _APPLY_FIELDS]
     update_sql = f"UPDATE {table} SET {', '.join(f'{qn(f.column)} = %s' for f in set_fields)} WHERE {qn('seq')} = %s"
-    updates = [[f.get_db_prep_save(getattr(m, f.attname), connection) for f in set_fields] + [m.seq] for m in applied]
+    updates = [[f.get_db_prep_save(getattr(m, f.attname), connection) for f in set_fields] + [m.seq]
+               for m in drained.applied]
     new_fields = [f for f in Message._meta.concrete_fields if not f.primary_key]
     insert_sql = (f"INSERT INTO {table} ({', '.join(qn(f.column) for f in new_fields)}) "
                   f"VALUES ({', '.join(['%s'] * len(new_fields))})")
-    inserts = [[f.get_db_prep_save(f.pre_save(m, True), connection) for f in new_fields] for m in outgoing]
+    inserts = [[f.get_db_prep_save(f.pre_save(m, True), connection) for f in new_fields] for m in drained.outgoing]
     process_sql = (f"UPDATE {qn(Process._meta.db_table)} SET {qn('next_slot')} = %s, {qn('next_reference')} = %s "
                    f"WHERE {qn('id')} = %s")
-    with connection.cursor() as cursor:
-        pipeline = connection.connection.pipeline() if connection.vendor == "postgresql" else nullcontext()
-        with connection.wrap_database_errors, pipeline:  # see open_mailbox
-            cursor.executemany(update_sql, updates)
-            if inserts:
-                cursor.executemany(insert_sql, inserts)
-            cursor.execute(process_sql, [process.next_slot, process.next_reference, process.id])
+    process = drained.process
+    statements = [(update_sql, updates, True)]
+    if inserts:
+        statements.append((insert_sql, inserts, True))
+    statements.append((process_sql, [process.next_slot, process.next_reference, process.id], False))
+    return statements
 
 
-def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool = True) -> int:
+def _run(cursor, statements: list[Statement]) -> None:
+    for sql, params, many in statements:
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+
+
+def _pipeline():
+    """One round trip for the statements inside (Postgres); elsewhere they simply run in order.
+
+    A pipeline's errors surface when it syncs, outside the cursors' own wrapping:
+    wrap_database_errors turns them into Django's (a lock timeout or lost connection
+    is an OperationalError the task retries, not a poisoned message)."""
+    if connection.vendor != "postgresql":
+        return nullcontext()
+    return _wrapped_pipeline()
+
+
+@contextmanager
+def _wrapped_pipeline():
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        yield
+
+
+def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool = True, follow: int = 0) -> int:
     """Apply the process's pending messages in arrival order; return how many.
 
     Everything happens in one transaction under the process row lock: slots,
     state changes, statuses and outgoing messages commit together or not at all.
     With `wait=False`, raise ProcessBusy instead of waiting for another drainer.
+
+    With `follow=N`, the same transaction goes on into the processes this drain
+    woke, up to N more drains and about one batch of messages in all (a worker
+    following a cascade: one commit for several hops instead of one per hop).
+    It only takes processes no one else holds (SKIP LOCKED), so it never waits
+    while holding a lock and cannot deadlock; what it leaves is rung after commit.
+    The count returned is then the transaction's total.
 
     A savepoint per message costs two round trips, and handlers rarely raise;
     so the batch first runs without them, and if a handler raises the whole
@@ -329,9 +384,9 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool 
     """
     batch_size = batch_size or settings.TIM3_DRAIN_BATCH
     try:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait)
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait, follow=follow)
     except HandlerRaised:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait)
+        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait, follow=0)
 
 
 def _rows_to_models(model, cursor) -> list:
@@ -347,16 +402,20 @@ def _rows_to_models(model, cursor) -> list:
     return instances
 
 
-def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True) -> tuple[Process, list[Message]]:
+def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
+                 before: list[Statement] = ()) -> tuple[Process, list[Message]]:
     """Lock the process and read its pending messages, oldest first.
 
-    On Postgres both statements (and the transaction's BEGIN) go out in one
-    psycopg pipeline: one round trip, where the ORM took three and spent more
-    time building the queries than Postgres spent answering them. The server
-    runs them in order, so the messages are read after the lock is held.
+    On Postgres both statements (and the transaction's BEGIN, and the `before`
+    statements: a previous drain's writes) go out in one psycopg pipeline: one
+    round trip, where the ORM took three and spent more time building the
+    queries than Postgres spent answering them. The server runs them in order,
+    so the messages are read after the lock is held and the writes are done.
     Raises Process.DoesNotExist, or ProcessBusy (wait=False, locked by another).
     """
     if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            _run(cursor, list(before))
         process = lock_process(process_id, wait=wait)
         return process, list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
     qn = connection.ops.quote_name
@@ -366,9 +425,8 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True) -> tupl
     pending_sql = (f"SELECT {columns(Message)} FROM {qn(Message._meta.db_table)} WHERE {qn('target')} = %s "
                    f"AND {qn('status')} = %s ORDER BY {qn('seq')} LIMIT %s")
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
-        # A pipeline's errors surface when it syncs, outside the cursors' own wrapping: turn them
-        # into Django's (a lock timeout or lost connection is an OperationalError the task retries).
-        with connection.wrap_database_errors, connection.connection.pipeline():
+        with _pipeline():
+            _run(lock_cursor, list(before))
             lock_cursor.execute(lock_sql, [process_id])
             pending_cursor.execute(pending_sql, [process_id, Message.PENDING, batch_size])
         found = _rows_to_models(Process, lock_cursor)
@@ -378,7 +436,29 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True) -> tupl
     return found[0], pending
 
 
-def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool) -> int:
+def apply_batch(*, process: Process, pending: list[Message], batch_size: int, savepoints: bool,
+                memo: dict | None) -> Drained:
+    """Run the handlers of one process's pending messages, in memory: slots,
+    statuses, results and outgoing rows (written by `write_statements`)."""
+    blueprint = get_blueprint(process.kind)
+    outgoing: list[Message] = []
+    batch: dict[str, Message] = {}
+    for msg in pending:
+        now = now_ms()
+        status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch,
+                                                  savepoint=savepoints, memo=memo)
+        children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
+        msg.slot = process.next_slot
+        process.next_slot += 1
+        msg.status, msg.error, msg.handled, msg.applied_at = status, error, handled, now
+        msg.result = {"messages": [c.msg_id for c in children], "changes": ctx.changes}
+        outgoing.extend(children)
+        batch[msg.msg_id] = msg
+    _deliver_to_wallets(outgoing, now_ms())
+    return Drained(process=process, applied=pending, outgoing=outgoing, full=len(pending) == batch_size)
+
+
+def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool, follow: int) -> int:
     with transaction.atomic():
         try:
             process, pending = open_mailbox(process_id=process_id, batch_size=batch_size, wait=wait)
@@ -386,33 +466,75 @@ def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool) ->
             return 0
         if not pending:
             return 0
-        blueprint = get_blueprint(process.kind)
-        outgoing: list[Message] = []
-        batch: dict[str, Message] = {}
-        shared_memo = None if savepoints else {}  # see Context.memo
-        for msg in pending:
-            now = now_ms()
-            status, error, handled, ctx = run_handler(process=process, msg=msg, blueprint=blueprint, batch=batch,
-                                                      savepoint=savepoints, memo=shared_memo)
-            children = outgoing_rows(process=process, msg=msg, outbox=ctx.outbox, now=now)
-            msg.slot = process.next_slot
-            process.next_slot += 1
-            msg.status, msg.error, msg.handled, msg.applied_at = status, error, handled, now
-            msg.result = {"messages": [c.msg_id for c in children], "changes": ctx.changes}
-            outgoing.extend(children)
-            batch[msg.msg_id] = msg
-        _deliver_to_wallets(outgoing, now_ms())
-        write_drain(process=process, applied=pending, outgoing=outgoing)
-
-        wake = {row.target for row in outgoing if row.status == Message.PENDING}
-        if len(pending) == batch_size:
-            wake.add(process.id)  # more may be waiting
-        settled = pending + [row for row in outgoing if row.status != Message.PENDING]
-        # Registered first so, after commit, a batch's hop events go out before the
-        # `flows_ended` its receivers (track_flows) register: a flow's end follows its last hop.
+        # Memoized state rows (Context.memo), per process: shared by all its batches in this
+        # transaction while no savepoints are used (a handler that raises rolls them back with the rest).
+        memos = {process_id: None if savepoints else {}}
+        drained = [apply_batch(process=process, pending=pending, batch_size=batch_size, savepoints=savepoints,
+                               memo=memos[process_id])]
+        wake: set[str] = set()
+        drained[0].woken(wake)
+        unwritten = write_statements(drained[0])
+        if follow:
+            unwritten = _follow_in_transaction(drained, wake=wake, memos=memos, unwritten=unwritten,
+                                               batch_size=batch_size, drains=follow)
+        with connection.cursor() as cursor, _pipeline():
+            _run(cursor, unwritten)
+        settled = [hop for d in drained for hop in d.settled]
+        # Registered first so, after commit, the hop events go out before the `flows_ended`
+        # its receivers (track_flows) register: a flow's end follows its last hop.
         transaction.on_commit(partial(_after_commit, settled, wake))
         messages_applied.send(sender=Message, messages=settled)
-    return len(pending)
+    return sum(len(d.applied) for d in drained)
+
+
+def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dict, unwritten: list[Statement],
+                           batch_size: int, drains: int) -> list[Statement]:
+    """Drain the woken processes inside the current transaction (see drain_mailbox).
+
+    Each followed drain starts at a savepoint, sent with the previous drain's
+    writes and the next lock in one round trip. If a handler raises there (or
+    anything but the database's own trouble), that drain alone is rolled back
+    and left to a drain of its own, where the usual rules apply (redo with
+    savepoints, `<Action>-Error`, dead letters); the earlier drains stay.
+    Returns the writes still to send.
+    """
+    busy: set[str] = set()
+    applied = len(drained[0].applied)
+    for number in range(1, drains + 1):
+        target = next((p for p in sorted(wake) if p not in busy), None)
+        if target is None or applied >= batch_size:
+            break
+        savepoint = f"tim3_follow_{number}"
+        try:
+            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False,
+                                            before=[*unwritten, (f"SAVEPOINT {savepoint}", [], False)])
+        except ProcessBusy:
+            busy.add(target)
+            unwritten = []
+            continue
+        except Process.DoesNotExist:  # never a target of a pending message; be safe
+            wake.discard(target)
+            unwritten = []
+            continue
+        unwritten = []
+        if not pending:
+            wake.discard(target)
+            continue
+        try:
+            batch = apply_batch(process=process, pending=pending, batch_size=batch_size, savepoints=False,
+                                memo=memos.setdefault(target, {}))
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception:  # HandlerRaised, or a bug: not this transaction's business
+            with connection.cursor() as cursor:
+                cursor.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            memos.pop(target)  # its rows may hold the rolled-back changes
+            break
+        drained.append(batch)
+        batch.woken(wake)
+        applied += len(batch.applied)
+        unwritten = write_statements(batch)
+    return unwritten
 
 
 def record_drain_failure(*, process_id: str, error: str) -> Message | None:
