@@ -73,11 +73,17 @@ def _test_handlers() -> Handlers:
 
     @handlers.add("Start-Poke")
     def start_poke(msg, ctx):
-        ctx.send(target=msg.get("Other"), tags={"Action": "Poke", "X-Flow": msg.get("X-Flow")})
+        ctx.send(target=msg.get("Other"), tags={"Action": msg.get("Poke", "Poke"), "X-Flow": msg.get("X-Flow")})
 
     @handlers.add("Poke")
     def poke(msg, ctx):
         raise HandlerError("poke refused")
+
+    @handlers.add("Doomed-Poke")
+    def doomed_poke(msg, ctx):
+        # An inner atomic block without a savepoint that fails dooms the whole transaction.
+        with transaction.atomic(savepoint=False):
+            raise HandlerError("poke refused after dooming the transaction")
 
     @handlers.add("Poke-Error")
     def poke_error(msg, ctx):
@@ -732,8 +738,10 @@ def test_following_drains_commit_together_or_not_at_all(system, wallet, monkeypa
     assert check_invariants() == []
 
 
+@pytest.mark.parametrize("poke,error", [("Poke", "poke refused"),
+                                        ("Doomed-Poke", "poke refused after dooming the transaction")])
 def test_a_handler_that_raises_in_a_followed_drain_is_left_to_a_drain_of_its_own(
-        test_process, wallet, settings, django_capture_on_commit_callbacks):
+        test_process, wallet, settings, django_capture_on_commit_callbacks, poke, error):
     """The followed drain is rolled back to its savepoint (the first drain stays) and its
     process is rung again; its own drain then answers the error as usual."""
     from processes.runtime.delivery import collecting_doorbells
@@ -741,24 +749,26 @@ def test_a_handler_that_raises_in_a_followed_drain_is_left_to_a_drain_of_its_own
     settings.TIM3_DOORBELL = "celery"  # rung doorbells go to the collector below, never a broker
     starter, refuser = test_process("starter"), test_process("refuser")
     alice = wallet()
-    start = send_message(sender=alice, target=starter.id, tags={"Action": "Start-Poke", "Other": refuser.id})
+    start = send_message(sender=alice, target=starter.id,
+                         tags={"Action": "Start-Poke", "Other": refuser.id, "Poke": poke})
 
     with collecting_doorbells() as rung, django_capture_on_commit_callbacks(execute=True):
         assert drain_mailbox(process_id=starter.id, follow=8) == 1
     assert rung == {refuser.id}
-    poke = Message.objects.get(parent_id=start.msg_id)
-    assert (poke.action, poke.status, poke.slot) == ("Poke", Message.PENDING, None)
+    sent = Message.objects.get(parent_id=start.msg_id)
+    assert (sent.action, sent.status, sent.slot) == (poke, Message.PENDING, None)
     start.refresh_from_db()
     assert (start.status, start.slot) == (Message.APPLIED, 1)
 
     with collecting_doorbells():
         drain_mailbox(process_id=refuser.id, follow=8)
-    poke.refresh_from_db()
-    assert (poke.status, poke.error, poke.slot) == (Message.FAILED, "poke refused", 1)
+    sent.refresh_from_db()
+    assert (sent.status, sent.error, sent.slot) == (Message.FAILED, error, 1)
     run_until_idle()
-    error = Message.objects.get(parent_id=poke.msg_id)
-    error.refresh_from_db()
-    assert (error.action, error.status, error.error) == ("Poke-Error", Message.FAILED, "cannot handle this error either")
+    reply = Message.objects.get(parent_id=sent.msg_id)
+    # Poke-Error's handler refuses too (and is not answered again); Doomed-Poke-Error has none (inbox).
+    expected = {"Poke": (Message.FAILED, "cannot handle this error either"), "Doomed-Poke": (Message.APPLIED, "")}
+    assert (reply.action, reply.status, reply.error) == (f"{poke}-Error", *expected[poke])
     assert slots_of(starter) == [1, 2] and slots_of(refuser) == [1]
     assert processes_with_pending() == []
 

@@ -526,6 +526,9 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
         except (OperationalError, InterfaceError):
             raise
         except Exception:  # HandlerRaised, or a bug: not this transaction's business
+            # Whatever broke (an inner atomic may have doomed the transaction) happened after
+            # the savepoint, and rolling back to it undoes it.
+            connection.needs_rollback = False
             with connection.cursor() as cursor:
                 cursor.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
             memos.pop(target)  # its rows may hold the rolled-back changes
