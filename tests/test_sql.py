@@ -1,0 +1,148 @@
+"""processes/runtime/sql.py: the handlers' hand-written statements, on SQLite and Postgres.
+
+Each test checks what the ORM would have given: exact 64-bit ints, converted
+columns (JSON, SQLite's 0/1 booleans), pks set on insert, errors surfacing as
+Django's.
+"""
+
+import pytest
+from django.db import DatabaseError, IntegrityError, transaction
+
+from processes.blueprints.state import Operation, TokenAccount, TokenOperation, TokenState
+from processes.runtime import sql
+from processes.runtime.ids import new_id
+from processes.runtime.models import Message, Process
+
+BIG = 2**63 - 1  # the largest value a BIGINT column holds
+
+
+@pytest.fixture
+def process(db):
+    return Process.objects.create(id=new_id(), name=f"sql-{new_id()[:8]}", kind="token", owner=new_id())
+
+
+def account(process, balance: int, locked: int = 0) -> TokenAccount:
+    row = TokenAccount(process=process, account=new_id(), balance=balance, locked=locked)
+    sql.insert_row(row)
+    return row
+
+
+def test_big_ints_near_2_63_round_trip_exactly(process):
+    row = account(process, BIG, locked=BIG - 1)
+    found = sql.select_one(TokenAccount, where="process_id = %s AND account = %s", params=[process.id, row.account])
+    assert (found.balance, found.locked) == (BIG, BIG - 1)
+    assert type(found.balance) is int
+
+    changed = sql.update_rows(TokenAccount, set="balance = balance - %s", where="id = %s", params=[1, row.pk])
+    assert changed == 1
+    assert TokenAccount.objects.get(pk=row.pk).balance == BIG - 1  # the ORM reads what the statement wrote
+
+
+def test_sum_is_an_exact_int(process):
+    # 2**62 + 1 and 2**61 + 3 lose their low bits as floats: a float anywhere on the way shows.
+    account(process, 2**62 + 1)
+    account(process, 2**61 + 3)
+    total = sql.select_sum(TokenAccount, column="balance", where="process_id = %s", params=[process.id])
+    assert total == 2**62 + 2**61 + 4
+    assert type(total) is int  # Postgres sums a bigint as numeric (a Decimal)
+
+
+def test_sum_of_nothing_is_0(process):
+    total = sql.select_sum(TokenAccount, column="balance", where="process_id = %s", params=[process.id])
+    assert total == 0 and type(total) is int
+
+
+def test_value_and_exists(process):
+    row = account(process, 5)
+    assert sql.select_value(TokenAccount, expression="COUNT(*)", where="process_id = %s", params=[process.id]) == 1
+    assert sql.select_value(TokenAccount, expression="account", where="id = %s", params=[row.pk]) == row.account
+    assert sql.select_value(TokenAccount, expression="account", where="id = %s", params=[row.pk + 1]) is None
+    assert sql.exists(TokenAccount, where="process_id = %s AND balance >= %s", params=[process.id, 5])
+    assert not sql.exists(TokenAccount, where="process_id = %s AND balance > %s", params=[process.id, 5])
+
+
+def test_json_and_boolean_columns_come_back_as_the_orm_gives_them(process):
+    tags = [["Action", "Transfer"], ["Quantity", "12"], ["Note", "ünïcode \" and 'quotes'"]]
+    msg = Message(msg_id=new_id(), sender=new_id(), target=process.id, action="Transfer", tags=tags,
+                  timestamp=1, reference=1, pushed_for=new_id(), handled=True, result={"n": BIG, "ok": [True, None]})
+    assert sql.insert_row(msg)
+    assert msg.seq is not None  # the auto pk (BigAutoField) is set from the database
+
+    found = sql.select_one(Message, where="msg_id = %s", params=[msg.msg_id])
+    orm = Message.objects.get(msg_id=msg.msg_id)
+    assert found.tags == orm.tags == tags
+    assert found.result == orm.result == {"n": BIG, "ok": [True, None]}
+    assert found.handled is True and found.dead is False  # SQLite stores 0/1: converted like the ORM does
+    assert found.get("Quantity") == "12"
+    assert (found.seq, found.parent_id, found.slot) == (msg.seq, None, None)
+
+
+def test_datetime_columns_come_back_aware_as_the_orm_gives_them(process):
+    # SQLite stores a datetime as naive text: the backend's converter makes it aware (USE_TZ).
+    found = sql.select_one(Process, where="id = %s", params=[process.id])
+    assert found.created_at == Process.objects.get(pk=process.id).created_at
+    assert found.created_at.tzinfo is not None
+
+
+def test_insert_sets_the_auto_pk_and_the_row_is_then_saved_by_pk(process):
+    op = Operation(process=process, op_id=new_id(), kind=Operation.DEPOSIT, user=new_id(), quantity=7,
+                   step="checking", flow_id=new_id(), request_id=new_id(), created_at=1, updated_at=1)
+    assert sql.insert_row(op)
+    assert op.pk is not None and not op._state.adding
+    assert Operation.objects.get(pk=op.pk).op_id == op.op_id
+
+    op.step, op.expiring, op.error = "minting", True, "why"
+    sql.save_row(op)
+    saved = Operation.objects.get(pk=op.pk)
+    assert (saved.step, saved.expiring, saved.error, saved.quantity) == ("minting", True, "why", 7)
+
+    op.quantity = 9
+    sql.update_columns(op, "quantity")
+    assert Operation.objects.get(pk=op.pk).quantity == 9
+
+
+def test_insert_keeps_a_given_pk(process):
+    token = TokenState(process=process, name="T", ticker="T", total_supply=BIG)
+    assert sql.insert_row(token)
+    assert token.pk == process.id
+    assert TokenState.objects.get(pk=process.id).total_supply == BIG
+    found = sql.select_rows(TokenState, where="process_id = %s", params=[process.id])
+    assert [t.total_supply for t in found] == [BIG]
+
+
+def test_saving_a_row_that_is_gone_raises(process):
+    row = account(process, 1)
+    TokenAccount.objects.filter(pk=row.pk).delete()
+    with pytest.raises(DatabaseError):
+        sql.save_row(row)
+
+
+def test_unless_exists_inserts_once_and_other_constraints_still_raise(process):
+    def operation(quantity: int) -> TokenOperation:
+        return TokenOperation(process=process, key="op-1", kind="mint", account=new_id(), quantity=quantity,
+                              timestamp=1, message_id=new_id())
+
+    assert sql.insert_row(operation(5), unless_exists=("process_id", "key"))
+    again = operation(6)
+    assert not sql.insert_row(again, unless_exists=("process_id", "key"))
+    assert again.pk is None and again._state.adding
+    assert list(TokenOperation.objects.filter(process=process).values_list("quantity", flat=True)) == [5]
+
+    with pytest.raises(IntegrityError), transaction.atomic():  # quantity > 0 is still the database's rule
+        sql.insert_row(TokenOperation(process=process, key="op-2", kind="mint", account=new_id(), quantity=0,
+                                      timestamp=1, message_id=new_id()), unless_exists=("process_id", "key"))
+
+
+def test_constraint_violations_surface_as_integrity_errors(process):
+    row = account(process, 3)
+    with pytest.raises(IntegrityError), transaction.atomic():  # balance >= 0
+        sql.update_rows(TokenAccount, set="balance = balance - %s", where="id = %s", params=[4, row.pk])
+    assert TokenAccount.objects.get(pk=row.pk).balance == 3
+
+
+def test_rows_in_order_with_a_limit(process):
+    for balance in (3, 1, 2):
+        account(process, balance)
+    rows = sql.select_rows(TokenAccount, where="process_id = %s", params=[process.id], order_by="balance DESC", limit=2)
+    assert [r.balance for r in rows] == [3, 2]
+    assert all(not r._state.adding for r in rows)
