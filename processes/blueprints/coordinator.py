@@ -17,6 +17,7 @@ Steps: checking -> minting -> recording -> done (v2 deposit)
 from django.db.models import Sum
 
 from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, CoordinatorState, Operation
+from processes.runtime import sql
 from processes.runtime.builtins import message_status
 from processes.runtime.handlers import HandlerError, Handlers, own_state
 from processes.runtime.ids import is_id
@@ -88,14 +89,20 @@ def require_wallet(msg, ctx) -> None:
         raise HandlerError(f"{msg.action} must come from a user's wallet.")
 
 
-def reserved_mints(ctx, **window) -> Operation.objects:
-    """Mint operations accepted and not released (pending or completed)."""
-    return Operation.objects.filter(process=ctx.process, kind__in=Operation.MINT_KINDS, reserved=True, **window)
+# Mint operations accepted and not released (pending or completed): what the mint limits count.
+# The condition and its params, for the statements below to extend.
+RESERVED_MINTS = f"process_id = %s AND kind IN ({', '.join(['%s'] * len(Operation.MINT_KINDS))}) AND reserved = %s"
+
+
+def reserved_mints(ctx) -> list:
+    """RESERVED_MINTS's params."""
+    return [ctx.process.id, *Operation.MINT_KINDS, True]
 
 
 def user_minted(ctx, *, user: str, since: int) -> int:
     """TIM3 this user had accepted for minting since `since` (one user's rows: a short index range)."""
-    return reserved_mints(ctx, user=user, created_at__gt=since).aggregate(s=Sum("quantity"))["s"] or 0
+    return sql.select_sum(Operation, column="quantity", where=RESERVED_MINTS + ' AND "user" = %s AND created_at > %s',
+                          params=[*reserved_mints(ctx), user, since])
 
 
 def system_minted_last_hour(ctx, c: CoordinatorState) -> int:
@@ -108,8 +115,9 @@ def system_minted_last_hour(ctx, c: CoordinatorState) -> int:
     """
     since = ctx.now - HOUR_MS
     if since > c.hour_window_since:
-        expired = reserved_mints(ctx, created_at__gt=c.hour_window_since, created_at__lte=since)
-        c.hour_window_minted -= expired.aggregate(s=Sum("quantity"))["s"] or 0
+        c.hour_window_minted -= sql.select_sum(
+            Operation, column="quantity", where=RESERVED_MINTS + " AND created_at > %s AND created_at <= %s",
+            params=[*reserved_mints(ctx), c.hour_window_since, since])
         c.hour_window_since = since
     return c.hour_window_minted
 
@@ -127,7 +135,8 @@ def release(c: CoordinatorState, op: Operation) -> None:
 
 
 def check_rate_limit(ctx, c: CoordinatorState, user: str) -> str | None:
-    recent = Operation.objects.filter(process=ctx.process, user=user, created_at__gt=ctx.now - MINUTE_MS).count()
+    recent = sql.select_value(Operation, expression="COUNT(*)", where='process_id = %s AND "user" = %s AND created_at > %s',
+                              params=[ctx.process.id, user, ctx.now - MINUTE_MS])
     if recent >= c.rate_limit_per_minute:
         return f"Too many requests: at most {c.rate_limit_per_minute} per minute per wallet."
     return None
@@ -149,8 +158,9 @@ def check_mint_allowed(ctx, c: CoordinatorState, user: str, quantity: int) -> st
     if used + quantity > c.system_hourly_limit:
         return f"System limit: the system mints at most {format_units(c.system_hourly_limit)} TIM3 per hour; try later."
     if quantity >= c.large_threshold:
-        recent_large = reserved_mints(ctx, user=user, quantity__gte=c.large_threshold,
-                                      created_at__gt=ctx.now - c.cooldown_ms).exists()
+        recent_large = sql.exists(
+            Operation, where=RESERVED_MINTS + ' AND "user" = %s AND quantity >= %s AND created_at > %s',
+            params=[*reserved_mints(ctx), user, c.large_threshold, ctx.now - c.cooldown_ms])
         if recent_large:
             return f"Cooldown: one large operation per {c.cooldown_ms // 1000} seconds."
     return check_rate_limit(ctx, c, user)
@@ -175,7 +185,7 @@ def await_reply(ctx, op: Operation, *, step: str, target: str, tags: dict) -> No
     """Send the operation's next request and remember which answer it waits for."""
     out = ctx.send(target=target, tags={**tags, "X-Operation-Id": op.op_id})
     op.step, op.awaiting, op.expiring, op.updated_at = step, out.msg_id, False, ctx.now
-    op.save()
+    save_operation(op)
     ctx.note(operation=op.op_id, step=step)
 
 
@@ -188,8 +198,8 @@ def finish(ctx, op: Operation, *, status: str, error: str = "") -> None:
     if status != Operation.COMPLETED and op.reserved:
         c = config(ctx)
         release(c, op)
-        c.save()
-    op.save()
+        sql.save_row(c)
+    save_operation(op)
     tags = {"Action": action, "Operation-Id": op.op_id, "Quantity": op.quantity, "Flow-Status": status}
     if op.error:
         tags["Reason" if status == Operation.REFUNDED else "Error"] = op.error[:1000]
@@ -197,8 +207,20 @@ def finish(ctx, op: Operation, *, status: str, error: str = "") -> None:
     ctx.note(operation=op.op_id, status=status)
 
 
+def save_operation(op: Operation) -> None:
+    """`op.save()`: inserted the first time (open_operation leaves it unsaved), then updated."""
+    if op.pk is None:
+        sql.insert_row(op)
+    else:
+        sql.save_row(op)
+
+
 def position(ctx, user: str) -> CoordinatorPosition:
-    row, _ = CoordinatorPosition.objects.get_or_create(process=ctx.process, user=user)
+    """The user's position here, created when it has none (only this process's drainer writes it)."""
+    row = sql.select_one(CoordinatorPosition, where='process_id = %s AND "user" = %s', params=[ctx.process.id, user])
+    if row is None:
+        row = CoordinatorPosition(process=ctx.process, user=user)
+        sql.insert_row(row)
     return row
 
 
@@ -209,7 +231,7 @@ def send_mint(ctx, c: CoordinatorState, op: Operation, *, step: str = "minting",
     if c.outstanding + op.quantity > c.custody + c.collateral:
         raise HandlerError("Refused: this mint would leave TIM3 not fully backed by USDA reserves.")
     c.outstanding += op.quantity
-    c.save()
+    sql.save_row(c)
     tags = {"Action": "Mint", "Recipient": op.user, "Quantity": op.quantity}
     if remint:
         tags["X-Mint-Kind"] = "remint"
@@ -220,7 +242,7 @@ def send_refund(ctx, c: CoordinatorState, op: Operation, reason: str) -> None:
     """Give a rejected deposit's USDA back (the coordinator holds it in custody)."""
     op.error = reason
     c.payouts_committed += op.quantity
-    c.save()
+    sql.save_row(c)
     await_reply(ctx, op, step="refunding", target=c.usda_process,
                 tags={"Action": "Transfer", "Recipient": op.user, "Quantity": op.quantity})
 
@@ -245,42 +267,42 @@ def advance(ctx, c: CoordinatorState, op: Operation) -> None:
         case (Operation.DEPOSIT, "refunding"):
             c.custody -= q
             c.payouts_committed -= q
-            c.save()
+            sql.save_row(c)
             finish(ctx, op, status=Operation.REFUNDED)
         case (Operation.LOCK_MINT, "locking"):
             c.collateral += q
-            c.save()
+            sql.save_row(c)
             send_mint(ctx, c, op)
         case (Operation.LOCK_MINT, "minting"):
             row = position(ctx, op.user)
             row.locked += q
-            row.save()
+            sql.save_row(row)
             send_position_update(ctx, c, op, "mint")
         case (Operation.LOCK_MINT, "unlocking"):
             c.collateral -= q
-            c.save()
+            sql.save_row(c)
             finish(ctx, op, status=Operation.REFUNDED)
         case (Operation.REDEEM, "burning"):
             c.outstanding -= q
-            c.save()
+            sql.save_row(c)
             await_reply(ctx, op, step="paying", target=c.usda_process,
                         tags={"Action": "Transfer", "Recipient": op.user, "Quantity": q})
         case (Operation.REDEEM, "paying"):
             c.custody -= q
             c.payouts_committed -= q
-            c.save()
+            sql.save_row(c)
             send_position_update(ctx, c, op, "burn")
         case (Operation.BURN, "burning"):
             c.outstanding -= q
-            c.save()
+            sql.save_row(c)
             send_unlock(ctx, c, op)
         case (Operation.BURN, "unlocking"):
             c.collateral -= q
-            c.save()
+            sql.save_row(c)
             row = position(ctx, op.user)
             row.locked -= q
             row.committed -= q
-            row.save()
+            sql.save_row(row)
             send_position_update(ctx, c, op, "burn")
         case (Operation.REDEEM | Operation.BURN, "reminting"):
             release_redemption(ctx, c, op)
@@ -295,11 +317,11 @@ def release_redemption(ctx, c: CoordinatorState, op: Operation) -> None:
     """A redemption that ends without paying out frees what it had promised."""
     if op.kind == Operation.REDEEM:
         c.payouts_committed -= op.quantity
-        c.save()
+        sql.save_row(c)
     else:
         row = position(ctx, op.user)
         row.committed -= op.quantity
-        row.save()
+        sql.save_row(row)
 
 
 def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
@@ -310,7 +332,7 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
     # record is not a failed mint (the TIM3 was minted), so that one keeps counting.
     if op.step != "recording" and op.reserved:
         release(c, op)
-        c.save()
+        sql.save_row(c)
     match (op.kind, op.step):
         case (Operation.DEPOSIT, "minting"):
             c.outstanding -= q
@@ -319,7 +341,7 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
             finish(ctx, op, status=Operation.FAILED, error=error)
         case (Operation.LOCK_MINT, "minting"):
             c.outstanding -= q
-            c.save()
+            sql.save_row(c)
             send_unlock(ctx, c, op)
         case (Operation.REDEEM | Operation.BURN, "burning"):
             release_redemption(ctx, c, op)
@@ -335,7 +357,7 @@ def fail_step(ctx, c: CoordinatorState, op: Operation, error: str) -> None:
             # or locked, but the operation needs an operator (ops page, dead letters).
             op.step = f"stuck-{op.step}"[:16]
             op.updated_at = ctx.now
-            op.save()
+            save_operation(op)
             ctx.note(operation=op.op_id, stuck=error)
 
 
@@ -350,7 +372,7 @@ def awaited_target(msg, op: Operation) -> str | None:
     """
     if not op.awaiting:
         return None
-    return Message.objects.filter(msg_id=op.awaiting, seq__lt=msg.seq).values_list("target", flat=True).first()
+    return sql.select_value(Message, expression="target", where="msg_id = %s AND seq < %s", params=[op.awaiting, msg.seq])
 
 
 def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[CoordinatorState, Operation | None]:
@@ -363,7 +385,7 @@ def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[Coordin
     """
     c = config(ctx)
     op_id = msg.get("X-Operation-Id")
-    op = Operation.objects.filter(process=ctx.process, op_id=op_id or "").first()
+    op = sql.select_one(Operation, where="process_id = %s AND op_id = %s", params=[ctx.process.id, op_id or ""])
     if msg.sender != getattr(c, expected_from):  # the usual sender needs no look at the log
         asked = awaited_target(msg, op) if op is not None and op.status == Operation.PENDING else None
         if not asked or msg.sender != asked:
@@ -535,7 +557,7 @@ def on_redeem(msg, ctx):
         raise HandlerError(f"This coordinator can pay out at most {format_units(available)} USDA right now.")
     op = open_operation(ctx, kind=Operation.REDEEM, user=msg.sender, quantity=quantity)
     c.payouts_committed += quantity
-    c.save()
+    sql.save_row(c)
     await_reply(ctx, op, step="burning", target=c.tim3_process, tags={
         "Action": "Burn", "User": msg.sender, "Quantity": quantity, "Redemption-Request": msg.msg_id})
 
@@ -550,7 +572,7 @@ def on_mint_tim3(msg, ctx):
     if reason := check_mint_allowed(ctx, c, msg.sender, quantity):
         raise HandlerError(reason)
     op = open_operation(ctx, kind=Operation.LOCK_MINT, user=msg.sender, quantity=quantity, reserved=True)
-    c.save()
+    sql.save_row(c)
     await_reply(ctx, op, step="locking", target=c.lock_manager_process,
                 tags={"Action": "LockCollateral", "User": msg.sender, "Quantity": quantity})
 
@@ -571,7 +593,7 @@ def on_burn_tim3(msg, ctx):
         raise HandlerError(f"Only {format_units(row.locked - row.committed)} TIM3 of yours is backed by "
                            "collateral locked through this coordinator.")
     row.committed += quantity
-    row.save()
+    sql.save_row(row)
     op = open_operation(ctx, kind=Operation.BURN, user=msg.sender, quantity=quantity)
     await_reply(ctx, op, step="burning", target=c.tim3_process, tags={
         "Action": "Burn", "User": msg.sender, "Quantity": quantity, "Redemption-Request": msg.msg_id})
@@ -642,7 +664,7 @@ def cleanup_expired(msg, ctx):
         if not awaited:
             continue  # sent after this tick was scheduled: the next tick looks at it
         op.expiring = True
-        op.save()
+        save_operation(op)
         ctx.send(target=awaited, tags={"Action": "Message-Status", "Message-Id": op.awaiting,
                                        "X-Operation-Id": op.op_id})
         count += 1
@@ -652,8 +674,8 @@ def cleanup_expired(msg, ctx):
 @handlers.add("Message-Status-Response")
 def on_message_status(msg, ctx):
     c = config(ctx)
-    op = Operation.objects.filter(process=ctx.process, op_id=msg.get("X-Operation-Id") or "",
-                                  status=Operation.PENDING, expiring=True).first()
+    op = sql.select_one(Operation, where="process_id = %s AND op_id = %s AND status = %s AND expiring = %s",
+                        params=[ctx.process.id, msg.get("X-Operation-Id") or "", Operation.PENDING, True])
     if op is None or op.awaiting != msg.get("Message-Id"):
         return  # answered in the meantime
     awaited = awaited_target(msg, op)
@@ -662,7 +684,7 @@ def on_message_status(msg, ctx):
     if msg.get("Status") == "applied" and msg.get("Handled") == "true":
         # Handled, and its answer is on its way through another process: keep waiting.
         op.expiring, op.updated_at = False, ctx.now
-        op.save()
+        save_operation(op)
         return
     why = {"applied": "no handler took it", "failed": "it failed", "unknown": "the process has no record of it"}
     status = msg.get("Status") or "unknown"

@@ -5,9 +5,10 @@ Health factor = collateral / TIM3 (no TIM3: healthy). Risk: >= 1.00 healthy,
 points with integer arithmetic, so they are exact.
 """
 
-from django.db.models import F, Sum
+from django.db.models import Sum
 
 from processes.blueprints.state import Position, StateManagerClient, StateManagerState
+from processes.runtime import sql
 from processes.runtime.builtins import message_status
 from processes.runtime.handlers import HandlerError, Handlers
 from processes.runtime.ids import is_id
@@ -19,10 +20,10 @@ COLLATERAL_TYPES = ("USDA-custody", "USDA-locked")
 
 
 def state(ctx) -> StateManagerState:
-    try:
-        return StateManagerState.objects.get(process=ctx.process)
-    except StateManagerState.DoesNotExist:
-        raise HandlerError("The State Manager has not been spawned.") from None
+    row = sql.select_one(StateManagerState, where="process_id = %s", params=[ctx.process.id])
+    if row is None:
+        raise HandlerError("The State Manager has not been spawned.")
+    return row
 
 
 def require_owner(msg, ctx) -> None:
@@ -97,9 +98,10 @@ def info(msg, ctx):
 @handlers.add("UpdatePosition")
 def update_position(msg, ctx):
     # Counting the update doubles as the "spawned?" check (one statement, not two).
-    if not StateManagerState.objects.filter(process=ctx.process).update(updates_count=F("updates_count") + 1):
+    if not sql.update_rows(StateManagerState, set="updates_count = updates_count + 1", where="process_id = %s",
+                           params=[ctx.process.id]):
         raise HandlerError("The State Manager has not been spawned.")
-    if not StateManagerClient.objects.filter(process=ctx.process, address=msg.sender).exists():
+    if not sql.exists(StateManagerClient, where="process_id = %s AND address = %s", params=[ctx.process.id, msg.sender]):
         raise HandlerError("Only a coordinator may UpdatePosition.")
     operation, user, kind = msg.get("Operation"), msg.get("User"), msg.get("CollateralType")
     if operation not in ("mint", "burn"):
@@ -111,14 +113,22 @@ def update_position(msg, ctx):
     amount = parse_quantity(msg.get("Amount"), name="Amount")
     collateral = parse_quantity(msg.get("CollateralAmount"), name="CollateralAmount")
     # Only this process's drainer (holding its lock) writes its positions: `row` is current.
-    row, _ = Position.objects.get_or_create(process=ctx.process, user=user, collateral_type=kind)
+    # A new position is inserted with its first change (one statement, not an insert and an update).
+    row = sql.select_one(Position, where='process_id = %s AND "user" = %s AND collateral_type = %s',
+                         params=[ctx.process.id, user, kind])
+    new = row is None
+    if new:
+        row = Position(process=ctx.process, user=user, collateral_type=kind)
     if operation == "mint":
         row.tim3, row.collateral = row.tim3 + amount, row.collateral + collateral
     else:
         # TIM3 is transferable: a holder may redeem more than it minted; the position never goes below zero.
         row.tim3, row.collateral = max(0, row.tim3 - amount), max(0, row.collateral - collateral)
     row.updated_at = ctx.now
-    Position.objects.filter(pk=row.pk).update(tim3=row.tim3, collateral=row.collateral, updated_at=row.updated_at)
+    if new:
+        sql.insert_row(row)
+    else:
+        sql.update_columns(row, "tim3", "collateral", "updated_at")
     ctx.note(user=user, position=f"{'+' if operation == 'mint' else '-'}{amount}", collateral_type=kind)
     ctx.reply({"Action": "UpdatePosition-Response", "User": user, "TIM3": row.tim3, "Collateral": row.collateral,
                "Health-Factor": format_bp(health_bp(row.collateral, row.tim3))})

@@ -6,9 +6,10 @@ exact ints; a handler that raises changes nothing and its sender gets
 `<Action>-Error` from the runtime.
 """
 
-from django.db.models import F, Q, Sum
+from django.db.models import Q, Sum
 
 from processes.blueprints.state import FaucetGrant, TokenAccount, TokenMinter, TokenOperation, TokenState
+from processes.runtime import sql
 from processes.runtime.builtins import message_status
 from processes.runtime.handlers import HandlerError, Handlers, own_state
 from processes.runtime.ids import is_id
@@ -30,7 +31,11 @@ def state(ctx) -> TokenState:
 
 
 def balance_of(ctx, address: str) -> TokenAccount | None:
-    return TokenAccount.objects.filter(process=ctx.process, account=address).first()
+    return sql.select_one(TokenAccount, where="process_id = %s AND account = %s", params=[ctx.process.id, address])
+
+
+def is_minter(ctx, address: str) -> bool:
+    return sql.exists(TokenMinter, where="process_id = %s AND address = %s", params=[ctx.process.id, address])
 
 
 def require_address(value: str | None, name: str) -> str:
@@ -49,18 +54,19 @@ def require_owner(msg, ctx) -> None:
 def credit(ctx, address: str, quantity: int) -> None:
     # One statement when the account exists (the usual case); only this process's
     # drainer writes its accounts, so nobody can create the row in between.
-    added = TokenAccount.objects.filter(process=ctx.process, account=address).update(balance=F("balance") + quantity)
+    added = sql.update_rows(TokenAccount, set="balance = balance + %s", where="process_id = %s AND account = %s",
+                            params=[quantity, ctx.process.id, address])
     if not added:
-        TokenAccount.objects.create(process=ctx.process, account=address, balance=quantity)
+        sql.insert_row(TokenAccount(process=ctx.process, account=address, balance=quantity))
     ctx.note(account=address, change=f"+{quantity}", ticker=state(ctx).ticker)
 
 
 def debit(ctx, address: str, quantity: int) -> None:
     # Take it only if the unlocked balance covers it, in one statement; read the row
     # only to explain a refusal.
-    taken = TokenAccount.objects.filter(
-        process=ctx.process, account=address, balance__gte=F("locked") + quantity
-    ).update(balance=F("balance") - quantity)
+    taken = sql.update_rows(TokenAccount, set="balance = balance - %s",
+                            where="process_id = %s AND account = %s AND balance >= locked + %s",
+                            params=[quantity, ctx.process.id, address, quantity])
     if not taken:
         row = balance_of(ctx, address)
         available = (row.balance - row.locked) if row else 0
@@ -74,12 +80,10 @@ def record_operation(ctx, *, key: str, kind: str, address: str, quantity: int) -
     limit = TokenOperation._meta.get_field("key").max_length
     if len(key) > limit:  # Postgres would fail the insert, SQLite would store it: refuse alike
         raise HandlerError(f"Operation id {key[:40]!r}... is longer than {limit} characters.")
-    if TokenOperation.objects.filter(process=ctx.process, key=key).exists():
+    operation = TokenOperation(process=ctx.process, key=key, kind=kind, account=address, quantity=quantity,
+                               timestamp=ctx.now, message_id=ctx.msg.msg_id)
+    if not sql.insert_row(operation, unless_exists=("process_id", "key")):
         raise HandlerError(f"Operation {key} was already applied; it is never applied twice.")
-    TokenOperation.objects.create(
-        process=ctx.process, key=key, kind=kind, account=address, quantity=quantity,
-        timestamp=ctx.now, message_id=ctx.msg.msg_id,
-    )
 
 
 def change_supply(ctx, token: TokenState, delta: int) -> None:
@@ -87,12 +91,12 @@ def change_supply(ctx, token: TokenState, delta: int) -> None:
         raise HandlerError("Mint would take the total supply above its maximum.")
     if delta > 0 and token.minted_total + delta > MAX_SUPPLY:  # burned_total <= minted_total: one check
         raise HandlerError("Mint would take the lifetime minted total above its maximum.")
-    fields = {"total_supply": F("total_supply") + delta}
     if delta > 0:
-        fields["minted_total"] = F("minted_total") + delta
+        sql.update_rows(TokenState, set="total_supply = total_supply + %s, minted_total = minted_total + %s",
+                        where="process_id = %s", params=[delta, delta, token.pk])
     else:
-        fields["burned_total"] = F("burned_total") - delta
-    TokenState.objects.filter(pk=token.pk).update(**fields)
+        sql.update_rows(TokenState, set="total_supply = total_supply + %s, burned_total = burned_total - %s",
+                        where="process_id = %s", params=[delta, delta, token.pk])
     token.total_supply += delta  # the memo stays what the database now holds
     if delta > 0:
         token.minted_total += delta
@@ -265,7 +269,7 @@ def check_mint_allowed(msg, ctx, token: TokenState, quantity: int) -> str:
         FaucetGrant.objects.create(process=ctx.process, account=msg.sender, quantity=quantity, timestamp=ctx.now)
         return msg.sender
     if token.mint_policy == TokenState.MINT_MINTERS:
-        if not TokenMinter.objects.filter(process=ctx.process, address=msg.sender).exists():
+        if not is_minter(ctx, msg.sender):
             raise HandlerError("Only an authorized minter may Mint.")
         return require_address(msg.get("Recipient"), "Recipient")
     raise HandlerError("Only the owner may Mint.")
@@ -291,7 +295,7 @@ def check_redemption(msg, ctx, user: str, quantity: int) -> str:
     request_id = msg.get("Redemption-Request")
     if not request_id:
         raise HandlerError("Burning for another account needs the Redemption-Request it belongs to.")
-    request = Message.objects.filter(msg_id=request_id).first()
+    request = sql.select_one(Message, where="msg_id = %s", params=[request_id])
     if (
         request is None or request.sender != user or request.target != msg.sender
         or request.action not in REDEMPTION_ACTIONS or request.status != Message.APPLIED
@@ -308,7 +312,7 @@ def burn(msg, ctx):
     quantity = parse_quantity(msg.get("Quantity"))
     user = msg.get("User")
     if user and user != msg.sender:
-        if not TokenMinter.objects.filter(process=ctx.process, address=msg.sender).exists():
+        if not is_minter(ctx, msg.sender):
             raise HandlerError("Only an authorized minter may burn for a user, inside that user's redemption.")
         key = "burn:" + check_redemption(msg, ctx, user, quantity)
     else:
@@ -337,7 +341,7 @@ def lock(msg, ctx):
     available = (row.balance - row.locked) if row else 0
     if quantity > available:
         raise HandlerError(f"Insufficient unlocked balance: {format_units(available)} available to lock.")
-    TokenAccount.objects.filter(pk=row.pk).update(locked=F("locked") + quantity)
+    sql.update_rows(TokenAccount, set="locked = locked + %s", where="id = %s", params=[quantity, row.pk])
     ctx.note(account=user, locked=f"+{quantity}", ticker=token.ticker)
     ctx.reply({"Action": "Lock-Response", "User": user, "Quantity": quantity, "Locked": row.locked + quantity})
 
@@ -349,7 +353,7 @@ def unlock(msg, ctx):
     row = balance_of(ctx, user)
     if row is None or row.locked < quantity:
         raise HandlerError("Cannot unlock more than is locked.")
-    TokenAccount.objects.filter(pk=row.pk).update(locked=F("locked") - quantity)
+    sql.update_rows(TokenAccount, set="locked = locked - %s", where="id = %s", params=[quantity, row.pk])
     ctx.note(account=user, locked=f"-{quantity}", ticker=token.ticker)
     ctx.reply({"Action": "Unlock-Response", "User": user, "Quantity": quantity, "Locked": row.locked - quantity})
 

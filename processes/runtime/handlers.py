@@ -4,6 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from processes.runtime import sql
+
 Pattern = str | dict[str, Any] | Callable[[Any], bool]
 
 
@@ -18,10 +20,10 @@ def own_state(ctx, model, *, missing: str):
     never the row behind its back. `missing` is the refusal when it does not exist."""
     key = model._meta.label
     if key not in ctx.memo:
-        try:
-            ctx.memo[key] = model.objects.get(process=ctx.process)
-        except model.DoesNotExist:
-            raise HandlerError(missing) from None
+        row = sql.select_one(model, where="process_id = %s", params=[ctx.process.id])
+        if row is None:
+            raise HandlerError(missing)
+        ctx.memo[key] = row
     return ctx.memo[key]
 
 
