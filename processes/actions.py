@@ -7,8 +7,7 @@ the operator wallet after the caller checked the admin's permission).
 
 import re
 
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
 from django.utils import timezone
 
 from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, CoordinatorState, Position, StateManagerState
@@ -60,13 +59,37 @@ def request_faucet(*, wallet: str, quantity: str) -> Flow:
     return start_flow(user=wallet, target=usda.id, kind="faucet", quantity=q, tags={"Action": "Mint", "Quantity": q})
 
 
-def _coordinator_and_usda() -> tuple[Process, Process]:
-    """The active coordinator and the USDA process in one query (a v2 deposit needs both);
-    if one is missing, the services' own lookups say so (LookupError)."""
-    found = list(Process.objects.filter(Q(kind="coordinator", active=True) | Q(name="usda")).order_by("-version"))
-    coordinator = next((p for p in found if p.kind == "coordinator"), None) or active_coordinator()
-    usda = next((p for p in found if p.name == "usda"), None) or resolve_process("usda")
-    return coordinator, usda
+# The lookups every deposit and redemption makes, as fixed SQL: building them through the ORM
+# cost more CPU than Postgres takes to answer. Never cached: an admin may activate another
+# coordinator at any time, and a redemption depends on the reserves of the moment.
+_PROCESS = Process._meta.db_table
+_ACTIVE_COORDINATOR_AND_USDA = (
+    f"SELECT id, name, kind, active FROM {_PROCESS} WHERE (kind = %s AND active = %s) OR name = %s "
+    f"ORDER BY version DESC")
+# A coordinator's available reserves, or a user's available v1 collateral in it, at least the quantity;
+# the active coordinator first, then the newest.
+_COORDINATOR_WITH_RESERVES = (
+    f"SELECT p.id FROM {_PROCESS} p JOIN {CoordinatorState._meta.db_table} c ON c.process_id = p.id "
+    f"WHERE p.kind = %s AND c.custody - c.payouts_committed >= %s ORDER BY p.active DESC, p.version DESC LIMIT 1")
+_COORDINATOR_WITH_COLLATERAL = (
+    f"SELECT p.id FROM {_PROCESS} p JOIN {CoordinatorPosition._meta.db_table} r ON r.process_id = p.id "
+    f'WHERE p.kind = %s AND r."user" = %s AND r.locked - r.committed >= %s '
+    f"ORDER BY p.active DESC, p.version DESC LIMIT 1")
+
+
+def _fetch_rows(sql: str, params: list) -> list:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _coordinator_and_usda() -> tuple[str, str]:
+    """The ids of the active coordinator and the USDA process in one query (a v2 deposit needs
+    both); if one is missing, the services' own lookups say so (LookupError)."""
+    rows = _fetch_rows(_ACTIVE_COORDINATOR_AND_USDA, ["coordinator", True, "usda"])
+    coordinator = next((pid for pid, _, kind, active in rows if kind == "coordinator" and active), None)
+    usda = next((pid for pid, name, _, _ in rows if name == "usda"), None)
+    return coordinator or active_coordinator().id, usda or resolve_process("usda").id
 
 
 def request_deposit(*, wallet: str, quantity: str, mode: str | None = None) -> Flow:
@@ -74,34 +97,28 @@ def request_deposit(*, wallet: str, quantity: str, mode: str | None = None) -> F
     q, mode = _quantity(quantity), _mode(mode)
     if mode == "deposit":
         coordinator, usda = _coordinator_and_usda()
-        return start_flow(user=wallet, target=usda.id, kind="deposit", mode=mode, quantity=q,
-                          tags={"Action": "Transfer", "Recipient": coordinator.id, "Quantity": q})
+        return start_flow(user=wallet, target=usda, kind="deposit", mode=mode, quantity=q,
+                          tags={"Action": "Transfer", "Recipient": coordinator, "Quantity": q})
     coordinator = active_coordinator()
     return start_flow(user=wallet, target=coordinator.id, kind="deposit", mode=mode, quantity=q,
                       tags={"Action": "MintTIM3", "Quantity": q})
 
 
-def redemption_coordinator(*, wallet: str, quantity: int, mode: str) -> Process:
-    """The coordinator that can honour this redemption: the active one if it can,
+def redemption_coordinator(*, wallet: str, quantity: int, mode: str) -> str:
+    """The id of the coordinator that can honour this redemption: the active one if it can,
     else an older version that holds the reserves (its TIM3 stays redeemable)."""
-    candidates = sorted(coordinators(), key=lambda p: (not p.active, -p.version))
-    for process in candidates:
-        if mode == "deposit":
-            c = CoordinatorState.objects.filter(process=process).first()
-            if c and c.custody - c.payouts_committed >= quantity:
-                return process
-        else:
-            row = CoordinatorPosition.objects.filter(process=process, user=wallet).first()
-            if row and row.locked - row.committed >= quantity:
-                return process
-    return active_coordinator()  # it will answer with the reason
+    if mode == "deposit":
+        rows = _fetch_rows(_COORDINATOR_WITH_RESERVES, ["coordinator", quantity])
+    else:
+        rows = _fetch_rows(_COORDINATOR_WITH_COLLATERAL, ["coordinator", wallet, quantity])
+    return rows[0][0] if rows else active_coordinator().id  # the active one answers with the reason
 
 
 def request_redemption(*, wallet: str, quantity: str, mode: str | None = None) -> Flow:
     q, mode = _quantity(quantity), _mode(mode)
     coordinator = redemption_coordinator(wallet=wallet, quantity=q, mode=mode)
     action = "RedeemTIM3" if mode == "deposit" else "BurnTIM3"
-    return start_flow(user=wallet, target=coordinator.id, kind="redeem", mode=mode, quantity=q,
+    return start_flow(user=wallet, target=coordinator, kind="redeem", mode=mode, quantity=q,
                       tags={"Action": action, "Quantity": q})
 
 

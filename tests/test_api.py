@@ -218,6 +218,39 @@ def test_bearer_token_is_not_a_session(as_user, system):
     assert_error(Api("tim3_bogus", client).get("/api/wallet"), 401, "invalid_token")
 
 
+def test_bearer_lookup_reads_the_token_user_and_wallet_fresh_each_request(as_user, system):
+    """One query finds token, user and wallet (tim3web.auth): nothing of it is remembered between
+    requests, so a revoked token, a deactivated user or a new superuser counts at once."""
+    api = as_user()
+    assert wallet(api)["address"] == api.address
+    ApiToken.objects.filter(user=api.user).update(last_used_at=None)
+    assert api.get("/api/wallet").status_code == 200
+    used = ApiToken.objects.get(user=api.user).last_used_at
+    assert used is not None and timezone.now() - used < timedelta(minutes=1)
+    assert api.get("/api/wallet").status_code == 200
+    assert ApiToken.objects.get(user=api.user).last_used_at == used  # not written again within the minute
+
+    assert_error(api.post("/api/admin/resume", {"scope": "all"}), 403, "forbidden")
+    get_user_model().objects.filter(pk=api.user.pk).update(is_superuser=True)
+    assert api.post("/api/admin/resume", {"scope": "all"}).status_code == 202
+
+    ApiToken.objects.filter(user=api.user).delete()
+    assert_error(api.get("/api/wallet"), 401, "invalid_token")
+
+
+def test_bearer_user_without_an_account_gets_its_wallet_on_first_use(make_user, system):
+    """A user made outside the sign-up (createsuperuser) has no Account: the token still works,
+    and the user's requests go through a wallet of its own, created once."""
+    user = get_user_model().objects.create_user(username="no-account", password=PASSWORD)
+    api = Api(issue_token(user)[0])
+    address = wallet(api)["address"]
+    assert len(address) == 43 and wallet_of(user) == address
+    response = api.post("/api/faucet", {"quantity": "1000000"})
+    assert response.status_code == 202, response.content
+    assert Flow.objects.get(id=response.json()["flow_id"]).user == address
+    assert wallet(api)["address"] == address
+
+
 # --- auth required -----------------------------------------------------------------------
 @pytest.mark.parametrize("method, path, body", [
     ("get", "/api/wallet", None),
