@@ -17,6 +17,7 @@ from functools import partial
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 
+from processes.runtime import sql
 from processes.runtime.context import Context, Outgoing
 from processes.runtime.handlers import HandlerError
 from processes.runtime.ids import derive_id, is_id, new_id, now_ms
@@ -339,11 +340,11 @@ def write_statements(drained: Drained) -> list[Statement]:
 
 
 def _run(cursor, statements: list[Statement]) -> None:
-    for sql, params, many in statements:
+    for text, params, many in statements:
         if many:
-            cursor.executemany(sql, params)
+            cursor.executemany(text, params)
         else:
-            cursor.execute(sql, params)
+            cursor.execute(text, params)
 
 
 def _pipeline():
@@ -389,19 +390,6 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool 
         return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait, follow=0)
 
 
-def _rows_to_models(model, cursor) -> list:
-    """Model instances from a raw cursor, through the fields' own converters (JSON)."""
-    fields = model._meta.concrete_fields
-    converters = [(i, f) for i, f in enumerate(fields) if hasattr(f, "from_db_value")]
-    instances = []
-    for row in cursor.fetchall():
-        values = list(row)
-        for i, f in converters:
-            values[i] = f.from_db_value(values[i], None, connection)
-        instances.append(model.from_db(connection.alias, [f.attname for f in fields], values))
-    return instances
-
-
 def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
                  before: list[Statement] = ()) -> tuple[Process, list[Message]]:
     """Lock the process and read its pending messages, oldest first.
@@ -429,8 +417,8 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
             _run(lock_cursor, list(before))
             lock_cursor.execute(lock_sql, [process_id])
             pending_cursor.execute(pending_sql, [process_id, Message.PENDING, batch_size])
-        found = _rows_to_models(Process, lock_cursor)
-        pending = _rows_to_models(Message, pending_cursor)
+        found = sql.instances(Process, lock_cursor.fetchall())
+        pending = sql.instances(Message, pending_cursor.fetchall())
     if not found:
         raise _not_locked(process_id, wait=wait)
     return found[0], pending

@@ -63,6 +63,11 @@ def _instance(model: type[Model], row: tuple) -> Model:
     return model.from_db(connection.alias, None, values)  # all concrete fields, in order: no names needed
 
 
+def instances(model: type[Model], rows) -> list:
+    """Model instances for raw rows holding all of `model`'s concrete columns, in order."""
+    return [_instance(model, row) for row in rows]
+
+
 def _prepared(obj: Model, fields, *, add: bool) -> list:
     """The fields' values as the ORM would write them (pre_save for auto fields, then the backend's form)."""
     return [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
