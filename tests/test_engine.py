@@ -742,8 +742,8 @@ def test_following_drains_commit_together_or_not_at_all(system, wallet, monkeypa
                                         ("Doomed-Poke", "poke refused after dooming the transaction")])
 def test_a_handler_that_raises_in_a_followed_drain_is_left_to_a_drain_of_its_own(
         test_process, wallet, settings, django_capture_on_commit_callbacks, poke, error):
-    """The followed drain is rolled back to its savepoint (the first drain stays) and its
-    process is rung again; its own drain then answers the error as usual."""
+    """The cascade is rolled back and run again without the failing drain (the first drain
+    commits), and its process is rung; its own drain then answers the error as usual."""
     from processes.runtime.delivery import collecting_doorbells
 
     settings.TIM3_DOORBELL = "celery"  # rung doorbells go to the collector below, never a broker

@@ -193,6 +193,14 @@ class HandlerRaised(Exception):
     """A handler raised while its drain ran without savepoints: redo the batch with them."""
 
 
+class FollowedDrainFailed(Exception):
+    """A drain followed inside the transaction failed: redo the cascade, stopping before it."""
+
+    def __init__(self, *, before: int):
+        super().__init__(before)
+        self.before = before  # how many followed drains came before the one that failed
+
+
 def run_handler(*, process: Process, msg: Message, blueprint, batch: dict | None = None,
                 savepoint: bool = True, memo: dict | None = None) -> tuple[str, str, bool, Context]:
     """Run the matching handler inside a savepoint: (status, error, handled, ctx).
@@ -384,10 +392,13 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool 
     are deterministic: the second run sees exactly what the first did).
     """
     batch_size = batch_size or settings.TIM3_DRAIN_BATCH
-    try:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait, follow=follow)
-    except HandlerRaised:
-        return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait, follow=0)
+    while True:
+        try:
+            return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait, follow=follow)
+        except HandlerRaised:
+            return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait, follow=0)
+        except FollowedDrainFailed as failed:
+            follow = failed.before  # fewer each time: the loop ends
 
 
 def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
@@ -479,11 +490,15 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
                            batch_size: int, drains: int) -> list[Statement]:
     """Drain the woken processes inside the current transaction (see drain_mailbox).
 
-    Each followed drain starts at a savepoint, sent with the previous drain's
-    writes and the next lock in one round trip. If a handler raises there (or
-    anything but the database's own trouble), that drain alone is rolled back
-    and left to a drain of its own, where the usual rules apply (redo with
-    savepoints, `<Action>-Error`, dead letters); the earlier drains stay.
+    Each followed drain's lock and read go out with the previous drain's writes
+    in one round trip. If a handler raises there (or anything but the database's
+    own trouble), FollowedDrainFailed rolls the transaction back and drain_mailbox
+    runs the cascade again, stopping before that drain, whose process is then rung
+    for a drain of its own, where the usual rules apply (redo with savepoints,
+    `<Action>-Error`, dead letters). Handlers are deterministic, so the redo does
+    what the first run did. No savepoint per followed drain: in a subtransaction
+    every foreign-key check on a row the transaction already locked creates a
+    MultiXact, which cost Postgres four times the CPU per hop.
     Returns the writes still to send.
     """
     busy: set[str] = set()
@@ -492,10 +507,8 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
         target = next((p for p in sorted(wake) if p not in busy), None)
         if target is None or applied >= batch_size:
             break
-        savepoint = f"tim3_follow_{number}"
         try:
-            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False,
-                                            before=[*unwritten, (f"SAVEPOINT {savepoint}", [], False)])
+            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False, before=unwritten)
         except ProcessBusy:
             busy.add(target)
             unwritten = []
@@ -513,14 +526,8 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
                                 memo=memos.setdefault(target, {}))
         except (OperationalError, InterfaceError):
             raise
-        except Exception:  # HandlerRaised, or a bug: not this transaction's business
-            # Whatever broke (an inner atomic may have doomed the transaction) happened after
-            # the savepoint, and rolling back to it undoes it.
-            connection.needs_rollback = False
-            with connection.cursor() as cursor:
-                cursor.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
-            memos.pop(target)  # its rows may hold the rolled-back changes
-            break
+        except Exception as exc:  # HandlerRaised, or a bug: not this transaction's business
+            raise FollowedDrainFailed(before=number - 1) from exc
         drained.append(batch)
         batch.woken(wake)
         applied += len(batch.applied)
