@@ -11,6 +11,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from processes.blueprints.state import Operation
+from processes.runtime import sql
 from processes.runtime.delivery import send_message
 from processes.runtime.models import Message
 
@@ -51,7 +52,9 @@ def start_flow(*, user: str, target: str, kind: str, tags: dict, mode: str = "",
     # to a savepoint; every caller lets it propagate, and the rollback undoes both rows.
     with transaction.atomic(savepoint=False):
         msg = send_message(sender=user, target=target, tags=tags)
-        return Flow.objects.create(id=msg.msg_id, kind=kind, mode=mode, user=user, target=target, quantity=quantity)
+        flow = Flow(id=msg.msg_id, kind=kind, mode=mode, user=user, target=target, quantity=quantity)
+        sql.insert_row(flow)  # sets created_at (auto_now_add), as create() does
+        return flow
 
 
 def _decision(msg: Message, flow: Flow) -> tuple[str, str] | None:

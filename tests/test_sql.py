@@ -61,6 +61,14 @@ def test_value_and_exists(process):
     assert not sql.exists(TokenAccount, where="process_id = %s AND balance > %s", params=[process.id, 5])
 
 
+def test_update_value_takes_a_counter_in_one_statement(process):
+    row = account(process, BIG - 1)
+    take = dict(set="balance = balance + 1", where="id = %s", returning="balance - 1")
+    assert sql.update_value(TokenAccount, **take, params=[row.pk]) == BIG - 1  # the value before, exactly
+    assert TokenAccount.objects.get(pk=row.pk).balance == BIG
+    assert sql.update_value(TokenAccount, **take, params=[row.pk + 1]) is None  # no such row: nothing changed
+
+
 def test_json_and_boolean_columns_come_back_as_the_orm_gives_them(process):
     tags = [["Action", "Transfer"], ["Quantity", "12"], ["Note", "ünïcode \" and 'quotes'"]]
     msg = Message(msg_id=new_id(), sender=new_id(), target=process.id, action="Transfer", tags=tags,

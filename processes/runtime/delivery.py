@@ -100,16 +100,14 @@ def _not_locked(process_id: str, *, wait: bool) -> Exception:
 def _next_wallet_reference(address: str) -> int:
     """Take the wallet's next reference in one statement (UPDATE ... RETURNING): its row
     lock orders concurrent sends from one wallet. A wallet's first message creates its row."""
-    sql = (f"UPDATE {connection.ops.quote_name(Wallet._meta.db_table)} SET next_reference = next_reference + 1 "
-           "WHERE address = %s RETURNING next_reference - 1")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [address])
-        row = cursor.fetchone()
-        if row is None:
-            Wallet.objects.get_or_create(address=address)
-            cursor.execute(sql, [address])
-            row = cursor.fetchone()
-    return row[0]
+    take = partial(sql.update_value, Wallet, set="next_reference = next_reference + 1", where="address = %s",
+                   returning="next_reference - 1", params=[address])
+    reference = take()
+    if reference is None:
+        # ON CONFLICT DO NOTHING: a concurrent first send may create it too, and no savepoint is needed.
+        sql.insert_row(Wallet(address=address), unless_exists=("address",))
+        reference = take()
+    return reference
 
 
 def send_message(*, sender: str, target: str, tags, data="", validate: bool = True) -> Message:
@@ -128,7 +126,7 @@ def send_message(*, sender: str, target: str, tags, data="", validate: bool = Tr
             raise TagError("From must be a 43-character wallet address.")
     # Both checks in one query, before the transaction: a refusal leaves the caller's
     # transaction usable (tests and callers catch it and go on).
-    processes = set(Process.objects.filter(pk__in=[target, sender]).values_list("pk", flat=True))
+    processes = {p.id for p in sql.select_rows(Process, where="id IN (%s, %s)", params=[target, sender])}
     if target not in processes:
         raise LookupError(f"No process with id {target[:50]!r}.")
     if sender in processes:
@@ -137,7 +135,7 @@ def send_message(*, sender: str, target: str, tags, data="", validate: bool = Tr
     # the caller's transaction is doomed anyway and its rollback undoes everything.
     with transaction.atomic(savepoint=False):
         msg_id = new_id()
-        msg = Message.objects.create(
+        msg = Message(
             msg_id=msg_id,
             sender=sender,
             target=target,
@@ -148,6 +146,7 @@ def send_message(*, sender: str, target: str, tags, data="", validate: bool = Tr
             reference=_next_wallet_reference(sender),
             pushed_for=msg_id,  # a cascade's first message is its own root
         )
+        sql.insert_row(msg)
         transaction.on_commit(partial(ring_doorbells, [target]))
     return msg
 

@@ -131,6 +131,18 @@ def update_rows(model: type[Model], *, set: str, where: str, params: list) -> in
         return cursor.rowcount
 
 
+def update_value(model: type[Model], *, set: str, where: str, returning: str, params: list) -> Any:
+    """`UPDATE ... SET set WHERE where RETURNING returning` (Postgres, SQLite >= 3.35): the value
+    the first changed row returns, as the driver gives it, or None when no row matches. Takes a
+    counter (`n = n + 1`, returning `n - 1`) in one statement, under the row's lock."""
+    sql = _statement(("update_value", model, set, where, returning),
+                     lambda: f"UPDATE {_table(model)} SET {set} WHERE {where} RETURNING {returning}")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
 def update_columns(obj: Model, *field_names: str) -> None:
     """Write these fields of `obj` to its row (found by pk); all its non-pk fields when none are named,
     as `obj.save()` on an existing row does. The row must exist."""
