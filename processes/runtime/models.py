@@ -84,9 +84,10 @@ class Message(models.Model):
                 name="message_pending_has_no_slot",
             ),
         ]
+        # (target, slot) lookups use message_unique_slot_per_target's index. Every index here is
+        # written twice per message (inserted pending, then applied with its slot: not a HOT update).
         indexes = [
             models.Index(fields=["target", "seq"], condition=Q(status="pending"), name="message_pending_by_target"),
-            models.Index(fields=["target", "slot"], name="message_target_slot"),
         ]
 
     def __str__(self) -> str:
