@@ -25,11 +25,18 @@ def _vacuum() -> object:
     return vacuum_busy_tables()
 
 
+def _analyze() -> object:
+    from processes.services import vacuum_busy_tables
+
+    return vacuum_busy_tables(analyze=True)
+
+
 def jobs() -> dict[str, tuple[float, Callable[[], object]]]:
     return {
         "cleanup-expired": (settings.TIM3_CLEANUP_SECONDS, _cleanup),
         "check-risk-alerts": (settings.TIM3_RISK_CHECK_SECONDS, _risk),
         "vacuum-mailbox": (settings.TIM3_VACUUM_SECONDS, _vacuum),
+        "analyze-mailbox": (settings.TIM3_ANALYZE_SECONDS, _analyze),
     }
 
 

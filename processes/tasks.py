@@ -105,3 +105,12 @@ def vacuum_mailbox() -> int:
     close_old_connections()
     return len(vacuum_busy_tables())
 
+
+@shared_task(acks_late=True)
+def analyze_mailbox() -> int:
+    """Refresh the mailbox tables' planner statistics (hourly: see vacuum_busy_tables)."""
+    from processes.services import vacuum_busy_tables
+
+    close_old_connections()
+    return len(vacuum_busy_tables(analyze=True))
+

@@ -148,8 +148,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 TIM3_CLEANUP_SECONDS = float(os.environ.get("TIM3_CLEANUP_SECONDS", "30"))
 TIM3_RISK_CHECK_SECONDS = float(os.environ.get("TIM3_RISK_CHECK_SECONDS", "60"))
 TIM3_VACUUM_SECONDS = float(os.environ.get("TIM3_VACUUM_SECONDS", "60"))  # VACUUM the mailbox (Postgres)
+TIM3_ANALYZE_SECONDS = float(os.environ.get("TIM3_ANALYZE_SECONDS", "3600"))  # and refresh its statistics
 CELERY_BEAT_SCHEDULE = {
     "vacuum-mailbox": {"task": "processes.tasks.vacuum_mailbox", "schedule": TIM3_VACUUM_SECONDS},
+    "analyze-mailbox": {"task": "processes.tasks.analyze_mailbox", "schedule": TIM3_ANALYZE_SECONDS},
     "sweep-mailboxes": {"task": "processes.tasks.sweep", "schedule": float(os.environ.get("TIM3_SWEEP_SECONDS", "2"))},
     "cleanup-expired": {"task": "processes.tasks.cleanup_expired", "schedule": TIM3_CLEANUP_SECONDS},
     "check-risk-alerts": {"task": "processes.tasks.check_risk_alerts", "schedule": TIM3_RISK_CHECK_SECONDS},
