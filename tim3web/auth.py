@@ -21,6 +21,7 @@ from django.utils import timezone
 from ninja.security import APIKeyCookie, HttpBearer
 from ninja.utils import check_csrf
 
+from processes.runtime.sql import convert_row, converters_for
 from tim3web.accounts import wallet_of
 from tim3web.errors import ApiError
 from tim3web.models import Account, ApiToken
@@ -56,8 +57,8 @@ class TokenOwner(NamedTuple):
 def _token_query(vendor: str) -> tuple[str, list]:
     """user_for_token's statement, built once per database vendor: the token joined with its
     user and the user's Account (none yet: NULL), so a request costs one round trip and no ORM
-    query building (~1 ms of CPU). Returns the SQL and (index, converters, column) for the
-    values the ORM would convert (SQLite's text datetimes and 0/1 booleans)."""
+    query building (~1 ms of CPU). Returns the SQL and the converters of the values the ORM
+    would convert (SQLite's text datetimes and 0/1 booleans; sql.converters_for)."""
     user_model = get_user_model()
     q = connection.ops.quote_name
     user_pk = q(user_model._meta.pk.column)
@@ -70,14 +71,7 @@ def _token_query(vendor: str) -> tuple[str, list]:
            f"JOIN {q(user_model._meta.db_table)} u ON u.{user_pk} = t.{q(ApiToken._meta.get_field('user').column)} "
            f"LEFT JOIN {q(Account._meta.db_table)} a ON a.{q(Account._meta.get_field('user').column)} = u.{user_pk} "
            f"WHERE t.{q(ApiToken._meta.get_field('token_hash').column)} = %s")
-    fields = [*token_fields, *user_fields, address]
-    converters = []
-    for index, field in enumerate(fields):
-        column = field.get_col(field.model._meta.db_table)
-        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)  # as the ORM does
-        if found:
-            converters.append((index, found, column))
-    return sql, converters
+    return sql, converters_for([*token_fields, *user_fields, address])
 
 
 def _token_owner(token_hash: str) -> TokenOwner | None:
@@ -87,10 +81,7 @@ def _token_owner(token_hash: str) -> TokenOwner | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    values = list(row)
-    for index, found, column in converters:
-        for convert in found:
-            values[index] = convert(values[index], column, connection)
+    values = convert_row(row, converters)
     user = get_user_model().from_db(connection.alias, None, values[3:-1])  # every concrete field, in order
     return TokenOwner(values[0], values[1], values[2], user, values[-1])
 

@@ -10,7 +10,7 @@
 
 import logging
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -326,24 +326,12 @@ def write_statements(drained: Drained) -> list[Statement]:
     read back), so they go out in a psycopg pipeline with the next statements
     (Django's bulk_update builds a CASE per row and field, which took longer than
     the handlers; bulk_create and save would each wait for their own answer)."""
-    qn = connection.ops.quote_name
-    table = qn(Message._meta.db_table)
-    set_fields = [Message._meta.get_field(name) for name in _APPLY_FIELDS]
-    update_sql = f"UPDATE {table} SET {', '.join(f'{qn(f.column)} = %s' for f in set_fields)} WHERE {qn('seq')} = %s"
-    updates = [[f.get_db_prep_save(getattr(m, f.attname), connection) for f in set_fields] + [m.seq]
-               for m in drained.applied]
-    new_fields = [f for f in Message._meta.concrete_fields if not f.primary_key]
-    insert_sql = (f"INSERT INTO {table} ({', '.join(qn(f.column) for f in new_fields)}) "
-                  f"VALUES ({', '.join(['%s'] * len(new_fields))})")
-    inserts = [[f.get_db_prep_save(f.pre_save(m, True), connection) for f in new_fields] for m in drained.outgoing]
-    process_sql = (f"UPDATE {qn(Process._meta.db_table)} SET {qn('next_slot')} = %s, {qn('next_reference')} = %s "
-                   f"WHERE {qn('id')} = %s")
-    process = drained.process
-    statements = [(update_sql, updates, True)]
-    if inserts:
-        statements.append((insert_sql, inserts, True))
-    statements.append((process_sql, [process.next_slot, process.next_reference, process.id], False))
-    return statements
+    statements = []
+    for rows in ([sql.update_statement(m, *_APPLY_FIELDS) for m in drained.applied],
+                 [sql.insert_statement(m) for m in drained.outgoing]):
+        if rows:  # one text per kind: the same fields of the same table
+            statements.append((rows[0][0], [params for _, params in rows], True))
+    return [*statements, (*sql.update_statement(drained.process, "next_slot", "next_reference"), False)]
 
 
 def _run(cursor, statements: list[Statement]) -> None:
@@ -354,6 +342,7 @@ def _run(cursor, statements: list[Statement]) -> None:
             cursor.execute(text, params)
 
 
+@contextmanager
 def _pipeline():
     """One round trip for the statements inside (Postgres); elsewhere they simply run in order.
 
@@ -361,12 +350,8 @@ def _pipeline():
     wrap_database_errors turns them into Django's (a lock timeout or lost connection
     is an OperationalError the task retries, not a poisoned message)."""
     if connection.vendor != "postgresql":
-        return nullcontext()
-    return _wrapped_pipeline()
-
-
-@contextmanager
-def _wrapped_pipeline():
+        yield
+        return
     with connection.wrap_database_errors, connection.connection.pipeline():
         yield
 
@@ -413,20 +398,16 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
     """
     if connection.vendor != "postgresql":
         with connection.cursor() as cursor:
-            _run(cursor, list(before))
+            _run(cursor, before)
         process = lock_process(process_id, wait=wait)
         return process, list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
-    qn = connection.ops.quote_name
-    columns = lambda model: ", ".join(qn(f.column) for f in model._meta.concrete_fields)  # noqa: E731
-    lock_sql = (f"SELECT {columns(Process)} FROM {qn(Process._meta.db_table)} WHERE {qn('id')} = %s "
-                f"FOR NO KEY UPDATE{'' if wait else ' SKIP LOCKED'}")
-    pending_sql = (f"SELECT {columns(Message)} FROM {qn(Message._meta.db_table)} WHERE {qn('target')} = %s "
-                   f"AND {qn('status')} = %s ORDER BY {qn('seq')} LIMIT %s")
+    lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
+    pending_sql = sql.select_statement(Message, where="target = %s AND status = %s", order_by="seq", limit=batch_size)
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
         with _pipeline():
-            _run(lock_cursor, list(before))
+            _run(lock_cursor, before)
             lock_cursor.execute(lock_sql, [process_id])
-            pending_cursor.execute(pending_sql, [process_id, Message.PENDING, batch_size])
+            pending_cursor.execute(pending_sql, [process_id, Message.PENDING])
         found = sql.instances(Process, lock_cursor.fetchall())
         pending = sql.instances(Message, pending_cursor.fetchall())
     if not found:
@@ -506,17 +487,15 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
         target = next((p for p in sorted(wake) if p not in busy), None)
         if target is None or applied >= batch_size:
             break
+        before, unwritten = unwritten, []  # sent with this lock, whatever it answers
         try:
-            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False, before=unwritten)
+            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False, before=before)
         except ProcessBusy:
             busy.add(target)
-            unwritten = []
             continue
         except Process.DoesNotExist:  # never a target of a pending message; be safe
             wake.discard(target)
-            unwritten = []
             continue
-        unwritten = []
         if not pending:
             wake.discard(target)
             continue

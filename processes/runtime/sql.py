@@ -39,27 +39,38 @@ def _column_list(fields) -> str:
     return ", ".join(connection.ops.quote_name(f.column) for f in fields)
 
 
+def converters_for(fields) -> list:
+    """(index, converters, column) for the fields, in this order, whose database values the ORM
+    converts: the backend's converters, then the field's `from_db_value`, as its compiler does."""
+    found = []
+    for index, field in enumerate(fields):
+        column = field.get_col(field.model._meta.db_table)
+        converters = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if converters:
+            found.append((index, converters, column))
+    return found
+
+
+def convert_row(row: tuple, converters: list) -> list:
+    """A raw row's values as the ORM would hand them over (`converters` from converters_for)."""
+    values = list(row)
+    for index, found, column in converters:
+        for convert in found:
+            values[index] = convert(values[index], column, connection)
+    return values
+
+
 def _row_converters(model: type[Model]) -> list:
-    """(index, converters, expression) for the columns whose database value needs converting:
-    the backend's converters, then the field's `from_db_value`, as the ORM's compiler does.
-    The backend's converters depend only on settings, so one list serves every thread."""
+    """converters_for all of `model`'s columns. The backend's converters depend only on
+    settings, so one list serves every thread."""
     key = (model, connection.vendor)
     if key not in _converters:
-        found = []
-        for index, field in enumerate(model._meta.concrete_fields):
-            expression = field.get_col(model._meta.db_table)
-            converters = connection.ops.get_db_converters(expression) + expression.get_db_converters(connection)
-            if converters:
-                found.append((index, converters, expression))
-        _converters[key] = found
+        _converters[key] = converters_for(model._meta.concrete_fields)
     return _converters[key]
 
 
 def _instance(model: type[Model], row: tuple) -> Model:
-    values = list(row)
-    for index, converters, expression in _row_converters(model):
-        for convert in converters:
-            values[index] = convert(values[index], expression, connection)
+    values = convert_row(row, _row_converters(model))
     return model.from_db(connection.alias, None, values)  # all concrete fields, in order: no names needed
 
 
@@ -75,20 +86,28 @@ def _prepared(obj: Model, fields, *, add: bool) -> list:
 
 # --- reading ---------------------------------------------------------------------------
 
-def select_rows(model: type[Model], *, where: str, params: list, order_by: str = "",
-                limit: int | None = None) -> list:
-    """Instances of `model` for the rows matching `where`."""
+def select_statement(model: type[Model], *, where: str, order_by: str = "", limit: int | None = None,
+                     lock: str = "") -> str:
+    """The SELECT of all `model`'s columns, in order (`instances` reads its rows), that
+    select_rows runs; `lock` is a locking clause (`FOR UPDATE ...`). Public for a caller
+    that sends it in a pipeline (delivery.open_mailbox)."""
     def build() -> str:
         sql = f"SELECT {_column_list(model._meta.concrete_fields)} FROM {_table(model)} WHERE {where}"
         if order_by:
             sql += f" ORDER BY {order_by}"
-        return sql if limit is None else f"{sql} LIMIT {int(limit)}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return f"{sql} {lock}" if lock else sql
 
-    sql = _statement(("select", model, where, order_by, limit), build)
+    return _statement(("select", model, where, order_by, limit, lock), build)
+
+
+def select_rows(model: type[Model], *, where: str, params: list, order_by: str = "",
+                limit: int | None = None) -> list:
+    """Instances of `model` for the rows matching `where`."""
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    return [_instance(model, row) for row in rows]
+        cursor.execute(select_statement(model, where=where, order_by=order_by, limit=limit), params)
+        return instances(model, cursor.fetchall())
 
 
 def select_one(model: type[Model], *, where: str, params: list) -> Model | None:
@@ -143,24 +162,48 @@ def update_value(model: type[Model], *, set: str, where: str, returning: str, pa
     return None if row is None else row[0]
 
 
-def update_columns(obj: Model, *field_names: str) -> None:
-    """Write these fields of `obj` to its row (found by pk); all its non-pk fields when none are named,
-    as `obj.save()` on an existing row does. The row must exist."""
+def update_statement(obj: Model, *field_names: str) -> tuple[str, list]:
+    """The UPDATE that update_columns runs, and its params. Public for a caller that sends
+    it in a pipeline without waiting for its row count (delivery.write_statements)."""
     meta = obj._meta
     fields = ([meta.get_field(name) for name in field_names] if field_names
               else [f for f in meta.concrete_fields if not f.primary_key])
     sql = _statement(("update_columns", type(obj), field_names), lambda: (
         f"UPDATE {_table(type(obj))} SET {', '.join(f'{connection.ops.quote_name(f.column)} = %s' for f in fields)} "
         f"WHERE {connection.ops.quote_name(meta.pk.column)} = %s"))
+    return sql, [*_prepared(obj, fields, add=False), meta.pk.get_db_prep_value(obj.pk, connection)]
+
+
+def update_columns(obj: Model, *field_names: str) -> None:
+    """Write these fields of `obj` to its row (found by pk); all its non-pk fields when none are named,
+    as `obj.save()` on an existing row does. The row must exist."""
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*_prepared(obj, fields, add=False), meta.pk.get_db_prep_value(obj.pk, connection)])
+        cursor.execute(*update_statement(obj, *field_names))
         if cursor.rowcount != 1:  # as Model.save(update_fields=...) says of a missing row
-            raise DatabaseError(f"{meta.label} {obj.pk!r} was not saved: it has no row.")
+            raise DatabaseError(f"{obj._meta.label} {obj.pk!r} was not saved: it has no row.")
 
 
 def save_row(obj: Model) -> None:
     """`obj.save()` for a row that exists: every non-pk column, by pk."""
     update_columns(obj)
+
+
+def _insert_sql(model: type[Model], fields: list, *, unless_exists: tuple[str, ...], returning: bool) -> str:
+    def build() -> str:
+        sql = f"INSERT INTO {_table(model)} ({_column_list(fields)}) VALUES ({', '.join(['%s'] * len(fields))})"
+        if unless_exists:
+            sql += f" ON CONFLICT ({', '.join(connection.ops.quote_name(c) for c in unless_exists)}) DO NOTHING"
+        return f"{sql} RETURNING {connection.ops.quote_name(model._meta.pk.column)}" if returning else sql
+
+    return _statement(("insert", model, tuple(f.column for f in fields), unless_exists, returning), build)
+
+
+def insert_statement(obj: Model) -> tuple[str, list]:
+    """The INSERT of `obj` without its auto pk, which is not read back, and its params.
+    Public for a caller that sends it in a pipeline (delivery.write_statements)."""
+    meta = obj._meta
+    fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
+    return _insert_sql(type(obj), fields, unless_exists=(), returning=False), _prepared(obj, fields, add=True)
 
 
 def insert_row(obj: Model, *, unless_exists: tuple[str, ...] = ()) -> bool:
@@ -171,17 +214,9 @@ def insert_row(obj: Model, *, unless_exists: tuple[str, ...] = ()) -> bool:
     meta = obj._meta
     returning = meta.auto_field is not None and obj.pk is None
     fields = [f for f in meta.concrete_fields if not (returning and f is meta.auto_field)]
-
-    def build() -> str:
-        sql = (f"INSERT INTO {_table(type(obj))} ({_column_list(fields)}) "
-               f"VALUES ({', '.join(['%s'] * len(fields))})")
-        if unless_exists:
-            sql += f" ON CONFLICT ({', '.join(connection.ops.quote_name(c) for c in unless_exists)}) DO NOTHING"
-        return f"{sql} RETURNING {connection.ops.quote_name(meta.pk.column)}" if returning else sql
-
-    sql = _statement(("insert", type(obj), returning, unless_exists), build)
     with connection.cursor() as cursor:
-        cursor.execute(sql, _prepared(obj, fields, add=True))
+        cursor.execute(_insert_sql(type(obj), fields, unless_exists=unless_exists, returning=returning),
+                       _prepared(obj, fields, add=True))
         if returning:
             row = cursor.fetchone()
             inserted = row is not None
