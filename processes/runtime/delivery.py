@@ -57,13 +57,12 @@ def ring_doorbells(process_ids) -> None:
     if collector is not None:
         collector.update(process_ids)
         return
-    from processes.tasks import drain  # the Celery task; imported late to keep the engine free of it
+    from processes.doorbell import ring  # the broker; imported late to keep the engine free of it
 
-    for process_id in process_ids:
-        try:
-            drain.delay(process_id)
-        except Exception:  # the sweeper will ring again; the message is safe in the database
-            log.exception("could not ring doorbell for %s", process_id)
+    try:
+        ring(process_ids)
+    except Exception:  # the sweeper will ring again; the messages are safe in the database
+        log.exception("could not ring doorbells for %s", ", ".join(process_ids))
 
 
 def _after_commit(settled: list[Message], wake: set[str]) -> None:
