@@ -32,8 +32,10 @@ from processes.services import ensure_wallet  # noqa: E402
 class QueryCounter:
     def __init__(self):
         self.count, self.seconds, self.kinds = 0, 0.0, Counter()
+        self.waited = 0  # statements sent on their own, each waiting for its answer (not in a pipeline)
 
     def __call__(self, execute, sql, params, many, context):
+        self.waited += getattr(context["connection"].connection, "_pipeline", None) is None
         started = time.perf_counter()
         try:
             return execute(sql, params, many, context)
@@ -115,7 +117,8 @@ def follow_flows(wallets: list[str], flows: int) -> None:
             times.append((time.perf_counter() - started) * 1000)
     times.sort()
     print(f"{flows} deposits followed one at a time: p50 {median(times):.1f} ms, p99 {times[int(0.99 * (flows - 1))]:.1f} ms "
-          f"per flow, {counter.count / flows:.1f} queries per flow (incl. the request's), "
+          f"per flow, {counter.count / flows:.1f} queries per flow (incl. the request's; "
+          f"{counter.waited / flows:.1f} of them sent alone, the rest pipelined), "
           f"{counter.seconds / (sum(times) / 1000):.0%} of the time waiting on queries")
     for kind, n in counter.kinds.most_common(30):
         print(f"  {n / flows:6.2f}/flow  {kind}")

@@ -18,7 +18,7 @@ from django.db.models import F
 
 from processes.blueprints.state import TokenAccount, TokenState
 from processes.invariants import check_invariants
-from processes.runtime import delivery
+from processes.runtime import delivery, sql
 from processes.runtime.delivery import (
     ProcessBusy,
     drain_mailbox,
@@ -84,6 +84,17 @@ def _test_handlers() -> Handlers:
         # An inner atomic block without a savepoint that fails dooms the whole transaction.
         with transaction.atomic(savepoint=False):
             raise HandlerError("poke refused after dooming the transaction")
+
+    @handlers.add("Move-Later")
+    def move_later(msg, ctx):
+        # Moves units between two accounts of a token with writes queued for the drain's next
+        # statement (sql.writing_later): an overdraw fails only when they go out.
+        token, quantity = msg.get("Token"), int(msg.get("Quantity"))
+        sql.update_later(TokenAccount, set="balance = balance - %s", where="process_id = %s AND account = %s",
+                         params=[quantity, token, msg.get("From-Account")], rows=1)
+        sql.insert_or_add(TokenAccount(process_id=token, account=msg.get("To-Account"), balance=quantity),
+                          unique=("process_id", "account"), add=("balance",))
+        ctx.reply({"Action": "Moved"})
 
     @handlers.add("Poke-Error")
     def poke_error(msg, ctx):
@@ -367,6 +378,25 @@ def test_handler_that_writes_then_raises_changes_nothing_and_answers_error(syste
     assert reply.get("X-Flow") == "flow-42"
     assert reply.get("X-Note") == "keep me"
     assert reply.pushed_for == msg.msg_id
+    assert check_invariants() == []
+
+
+def test_a_queued_write_that_a_constraint_refuses_fails_only_its_own_message(system, test_process, wallet):
+    usda, proc = system["usda"], test_process("mover")
+    alice, bob = wallet(), wallet()
+    faucet(usda, alice, whole_usda=10)
+    moves = [(1, "first"), (100, "overdraw"), (2, "last")]
+    # Sent, then drained as one batch: its writes are queued (no savepoints at first).
+    sent = [send_message(sender=alice, target=proc.id, tags={
+        "Action": "Move-Later", "Token": usda.id, "Quantity": str(units * UNIT), "From-Account": alice,
+        "To-Account": bob, "X-Note": note}) for units, note in moves]
+    assert drain_mailbox(process_id=proc.id) == 3
+    first, overdraw, last = (Message.objects.get(pk=m.pk) for m in sent)
+    assert [m.slot for m in (first, overdraw, last)] == [1, 2, 3]
+    assert (first.status, last.status) == (Message.APPLIED, Message.APPLIED)
+    assert overdraw.status == Message.FAILED and "token_balance_not_negative" in overdraw.error
+    assert [c.action for c in children(overdraw)] == ["Move-Later-Error"]
+    assert (balance(usda, alice), balance(usda, bob)) == (7 * UNIT, 3 * UNIT)  # the two moves, nothing of the third
     assert check_invariants() == []
 
 

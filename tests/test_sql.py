@@ -154,3 +154,60 @@ def test_rows_in_order_with_a_limit(process):
     rows = sql.select_rows(TokenAccount, where="process_id = %s", params=[process.id], order_by="balance DESC", limit=2)
     assert [r.balance for r in rows] == [3, 2]
     assert all(not r._state.adding for r in rows)
+
+
+# --- writes that wait for no answer (sql.writing_later) --------------------------------------
+
+def test_a_queued_write_is_seen_by_the_next_read_of_any_kind(process):
+    op = Operation(process=process, op_id=new_id(), kind=Operation.DEPOSIT, user=new_id(), quantity=7,
+                   step="checking", flow_id=new_id(), request_id=new_id(), created_at=1, updated_at=1)
+    sql.insert_row(op)
+    with transaction.atomic(), sql.writing_later():
+        op.step = "minting"
+        sql.save_row(op)
+        sql.update_later(Operation, set="quantity = quantity + %s", where="id = %s", params=[2, op.pk], rows=1)
+        # the ORM's read and sql.py's both go out after the queued writes
+        assert Operation.objects.get(pk=op.pk).step == "minting"
+        assert sql.select_value(Operation, expression="quantity", where="id = %s", params=[op.pk]) == 9
+        op.quantity = 10
+        sql.update_columns(op, "quantity")
+        assert len(sql.take_later()) == 1  # still queued: no statement ran since
+    assert Operation.objects.get(pk=op.pk).quantity == 9  # the taken write was the caller's to send; it was not
+
+
+def test_outside_writing_later_the_same_calls_write_at_once(process):
+    row = account(process, 1)
+    sql.update_later(TokenAccount, set="balance = balance + %s", where="id = %s", params=[4, row.pk], rows=1)
+    assert sql.take_later() == []
+    assert TokenAccount.objects.get(pk=row.pk).balance == 5
+
+
+def test_a_queued_write_to_a_row_that_is_gone_raises_when_it_runs(process):
+    row = account(process, 1)
+    TokenAccount.objects.filter(pk=row.pk).delete()
+    with pytest.raises(DatabaseError, match="no row"), transaction.atomic(), sql.writing_later():
+        sql.save_row(row)  # queued: nothing raised yet
+        TokenAccount.objects.filter(process=process).count()  # it goes out here, and is checked
+
+
+def test_a_queued_write_a_constraint_refuses_raises_integrity_error_at_the_next_statement(process):
+    row = account(process, 3)
+    with pytest.raises(IntegrityError), transaction.atomic(), sql.writing_later():
+        sql.update_later(TokenAccount, set="balance = balance - %s", where="id = %s", params=[4, row.pk], rows=1)
+        sql.select_one(TokenAccount, where="id = %s", params=[row.pk])
+    assert TokenAccount.objects.get(pk=row.pk).balance == 3
+
+
+def test_insert_or_add_creates_the_row_then_adds_to_it_exactly(process):
+    address = new_id()
+
+    def credit(quantity: int) -> None:
+        sql.insert_or_add(TokenAccount(process=process, account=address, balance=quantity),
+                          unique=("process_id", "account"), add=("balance",))
+
+    credit(2**62)
+    credit(2**61 + 3)
+    (row,) = TokenAccount.objects.filter(process=process, account=address)
+    assert (row.balance, row.locked) == (2**62 + 2**61 + 3, 0)
+    with pytest.raises(IntegrityError), transaction.atomic():  # balance >= 0 still holds
+        credit(-(2**63 - 1))

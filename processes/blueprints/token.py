@@ -52,12 +52,10 @@ def require_owner(msg, ctx) -> None:
 
 
 def credit(ctx, address: str, quantity: int) -> None:
-    # One statement when the account exists (the usual case); only this process's
-    # drainer writes its accounts, so nobody can create the row in between.
-    added = sql.update_rows(TokenAccount, set="balance = balance + %s", where="process_id = %s AND account = %s",
-                            params=[quantity, ctx.process.id, address])
-    if not added:
-        sql.insert_row(TokenAccount(process=ctx.process, account=address, balance=quantity))
+    # One statement, whether the account exists or not, that needs no answer: inside a
+    # drain it goes out with the next one (sql.writing_later).
+    sql.insert_or_add(TokenAccount(process=ctx.process, account=address, balance=quantity),
+                      unique=("process_id", "account"), add=("balance",))
     ctx.note(account=address, change=f"+{quantity}", ticker=state(ctx).ticker)
 
 
@@ -92,11 +90,11 @@ def change_supply(ctx, token: TokenState, delta: int) -> None:
     if delta > 0 and token.minted_total + delta > MAX_SUPPLY:  # burned_total <= minted_total: one check
         raise HandlerError("Mint would take the lifetime minted total above its maximum.")
     if delta > 0:
-        sql.update_rows(TokenState, set="total_supply = total_supply + %s, minted_total = minted_total + %s",
-                        where="process_id = %s", params=[delta, delta, token.pk])
+        sql.update_later(TokenState, set="total_supply = total_supply + %s, minted_total = minted_total + %s",
+                         where="process_id = %s", params=[delta, delta, token.pk], rows=1)
     else:
-        sql.update_rows(TokenState, set="total_supply = total_supply + %s, burned_total = burned_total - %s",
-                        where="process_id = %s", params=[delta, delta, token.pk])
+        sql.update_later(TokenState, set="total_supply = total_supply + %s, burned_total = burned_total - %s",
+                         where="process_id = %s", params=[delta, delta, token.pk], rows=1)
     token.total_supply += delta  # the memo stays what the database now holds
     if delta > 0:
         token.minted_total += delta

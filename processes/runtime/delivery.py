@@ -10,12 +10,12 @@
 
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 
 from processes.runtime import sql
 from processes.runtime.context import Context, Outgoing
@@ -292,10 +292,6 @@ def _deliver_to_wallets(rows: list[Message], now: int) -> None:
 
 _APPLY_FIELDS = ("slot", "status", "error", "handled", "applied_at", "result")
 
-# A statement to run later in a pipeline: (sql, params) or, with many=True, (sql, list of params).
-Statement = tuple[str, list, bool]
-
-
 @dataclass
 class Drained:
     """One process's batch, applied in memory: what `write_statements` will write."""
@@ -319,7 +315,7 @@ class Drained:
         wake.update(row.target for row in self.outgoing if row.status == Message.PENDING)
 
 
-def write_statements(drained: Drained) -> list[Statement]:
+def write_statements(drained: Drained) -> list[sql.Statement]:
     """What a drain writes: the applied messages' outcome, the messages they sent,
     and the process's counters. None needs an answer (the new rows' seq is never
     read back), so they go out in a psycopg pipeline with the next statements
@@ -329,30 +325,8 @@ def write_statements(drained: Drained) -> list[Statement]:
     for rows in ([sql.update_statement(m, *_APPLY_FIELDS) for m in drained.applied],
                  [sql.insert_statement(m) for m in drained.outgoing]):
         if rows:  # one text per kind: the same fields of the same table
-            statements.append((rows[0][0], [params for _, params in rows], True))
-    return [*statements, (*sql.update_statement(drained.process, "next_slot", "next_reference"), False)]
-
-
-def _run(cursor, statements: list[Statement]) -> None:
-    for text, params, many in statements:
-        if many:
-            cursor.executemany(text, params)
-        else:
-            cursor.execute(text, params)
-
-
-@contextmanager
-def _pipeline():
-    """One round trip for the statements inside (Postgres); elsewhere they simply run in order.
-
-    A pipeline's errors surface when it syncs, outside the cursors' own wrapping:
-    wrap_database_errors turns them into Django's (a lock timeout or lost connection
-    is an OperationalError the task retries, not a poisoned message)."""
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        yield
+            statements.append(sql.Statement(rows[0][0], [params for _, params in rows], many=True))
+    return [*statements, sql.Statement(*sql.update_statement(drained.process, "next_slot", "next_reference"))]
 
 
 def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool = True, follow: int = 0) -> int:
@@ -378,14 +352,17 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool 
     while True:
         try:
             return _drain(process_id=process_id, batch_size=batch_size, savepoints=False, wait=wait, follow=follow)
-        except HandlerRaised:
+        except (HandlerRaised, IntegrityError, DataError):
+            # IntegrityError, DataError: a constraint refused a write, maybe one a handler queued
+            # (sql.writing_later) and that failed later. With savepoints each write is immediate,
+            # so it fails inside its own handler (or, if it was the drain's, raises again here).
             return _drain(process_id=process_id, batch_size=batch_size, savepoints=True, wait=wait, follow=0)
         except FollowedDrainFailed as failed:
             follow = failed.before  # fewer each time: the loop ends
 
 
 def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
-                 before: list[Statement] = ()) -> tuple[Process, list[Message]]:
+                 before: list[sql.Statement] = ()) -> tuple[Process, list[Message]]:
     """Lock the process and read its pending messages, oldest first.
 
     On Postgres both statements (and the transaction's BEGIN, and the `before`
@@ -396,17 +373,17 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
     Raises Process.DoesNotExist, or ProcessBusy (wait=False, locked by another).
     """
     if connection.vendor != "postgresql":
-        with connection.cursor() as cursor:
-            _run(cursor, before)
+        sql.send(before)
         process = lock_process(process_id, wait=wait)
         return process, list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
     lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
     pending_sql = sql.select_statement(Message, where="target = %s AND status = %s", order_by="seq", limit=batch_size)
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
-        with _pipeline():
-            _run(lock_cursor, before)
+        with sql.pipeline():
+            check = sql.execute_all(before)
             lock_cursor.execute(lock_sql, [process_id])
             pending_cursor.execute(pending_sql, [process_id, Message.PENDING])
+        check()
         found = sql.instances(Process, lock_cursor.fetchall())
         pending = sql.instances(Message, pending_cursor.fetchall())
     if not found:
@@ -437,7 +414,9 @@ def apply_batch(*, process: Process, pending: list[Message], batch_size: int, sa
 
 
 def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool, follow: int) -> int:
-    with transaction.atomic():
+    # Without savepoints the handlers' state saves are queued and sent with the next statement
+    # (sql.writing_later); with them, each save is immediate and fails inside its own handler.
+    with transaction.atomic(), (nullcontext() if savepoints else sql.writing_later()):
         try:
             process, pending = open_mailbox(process_id=process_id, batch_size=batch_size, wait=wait)
         except Process.DoesNotExist:
@@ -451,12 +430,11 @@ def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool, fo
                                memo=memos[process_id])]
         wake: set[str] = set()
         drained[0].woken(wake)
-        unwritten = write_statements(drained[0])
+        unwritten = sql.take_later() + write_statements(drained[0])
         if follow:
             unwritten = _follow_in_transaction(drained, wake=wake, memos=memos, unwritten=unwritten,
                                                batch_size=batch_size, drains=follow)
-        with connection.cursor() as cursor, _pipeline():
-            _run(cursor, unwritten)
+        sql.send(unwritten)
         settled = [hop for d in drained for hop in d.settled]
         # Registered first so, after commit, the hop events go out before the `flows_ended`
         # its receivers (track_flows) register: a flow's end follows its last hop.
@@ -465,8 +443,8 @@ def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool, fo
     return sum(len(d.applied) for d in drained)
 
 
-def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dict, unwritten: list[Statement],
-                           batch_size: int, drains: int) -> list[Statement]:
+def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dict, unwritten: list[sql.Statement],
+                           batch_size: int, drains: int) -> list[sql.Statement]:
     """Drain the woken processes inside the current transaction (see drain_mailbox).
 
     Each followed drain's lock and read go out with the previous drain's writes
@@ -508,7 +486,7 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
         drained.append(batch)
         batch.woken(wake)
         applied += len(batch.applied)
-        unwritten = write_statements(batch)
+        unwritten = sql.take_later() + write_statements(batch)
     return unwritten
 
 

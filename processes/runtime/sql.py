@@ -13,8 +13,10 @@ backends accept them). Rows come back as model instances through the same
 converters the ORM applies (SQLite booleans, JSON fields, ...).
 """
 
-from collections.abc import Callable
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 from django.db import DatabaseError, connection
 from django.db.models import Model
@@ -141,13 +143,39 @@ def exists(model: type[Model], *, where: str, params: list) -> bool:
 
 # --- writing ----------------------------------------------------------------------------
 
+def _update_sql(model: type[Model], set: str, where: str) -> str:
+    return _statement(("update", model, set, where), lambda: f"UPDATE {_table(model)} SET {set} WHERE {where}")
+
+
 def update_rows(model: type[Model], *, set: str, where: str, params: list) -> int:
     """`UPDATE ... SET set WHERE where`; how many rows it changed. Lets a change relative to the
     stored value (`balance = balance + %s`) and its condition be one statement."""
-    sql = _statement(("update", model, set, where), lambda: f"UPDATE {_table(model)} SET {set} WHERE {where}")
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_update_sql(model, set, where), params)
         return cursor.rowcount
+
+
+def update_later(model: type[Model], *, set: str, where: str, params: list, rows: int) -> None:
+    """`update_rows` whose answer nobody waits for: it must change exactly `rows` rows, which is
+    checked once it has run (queued inside `writing_later()`, at once elsewhere)."""
+    write_later(Statement(_update_sql(model, set, where), params, rows=rows, label=model._meta.label))
+
+
+def insert_or_add(obj: Model, *, unique: tuple[str, ...], add: tuple[str, ...]) -> None:
+    """INSERT `obj`, or where a row with the same `unique` columns exists, add `obj`'s values of
+    the `add` columns to it (`balance = balance + %s` for an account that may not exist yet).
+    One statement that needs no answer: queued inside `writing_later()`."""
+    meta = obj._meta
+    fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
+    table, q = _table(type(obj)), connection.ops.quote_name
+
+    def build() -> str:
+        insert = _insert_sql(type(obj), fields, unique, returning=False)
+        return (insert.replace(" DO NOTHING", " DO UPDATE SET ")
+                + ", ".join(f"{q(c)} = {table}.{q(c)} + EXCLUDED.{q(c)}" for c in add))
+
+    text = _statement(("insert_or_add", type(obj), unique, add), build)
+    write_later(Statement(text, _prepared(obj, fields, add=True), rows=1, label=meta.label))
 
 
 def update_value(model: type[Model], *, set: str, where: str, returning: str, params: list) -> Any:
@@ -176,11 +204,14 @@ def update_statement(obj: Model, *field_names: str) -> tuple[str, list]:
 
 def update_columns(obj: Model, *field_names: str) -> None:
     """Write these fields of `obj` to its row (found by pk); all its non-pk fields when none are named,
-    as `obj.save()` on an existing row does. The row must exist."""
-    with connection.cursor() as cursor:
-        cursor.execute(*update_statement(obj, *field_names))
-        if cursor.rowcount != 1:  # as Model.save(update_fields=...) says of a missing row
-            raise DatabaseError(f"{obj._meta.label} {obj.pk!r} was not saved: it has no row.")
+    as `obj.save()` on an existing row does. The row must exist. Inside `writing_later()` the
+    UPDATE is queued (see there) and the row count checked when it has run."""
+    write_later(Statement(*update_statement(obj, *field_names), rows=1, label=f"{obj._meta.label} {obj.pk!r}"))
+
+
+def _check_rows(found: int, expected: int, label: str) -> None:
+    if found != expected:  # as Model.save(update_fields=...) says of a missing row
+        raise DatabaseError(f"{label} was not saved: it has no row.")
 
 
 def save_row(obj: Model) -> None:
@@ -188,7 +219,7 @@ def save_row(obj: Model) -> None:
     update_columns(obj)
 
 
-def _insert_sql(model: type[Model], fields: list, *, unless_exists: tuple[str, ...], returning: bool) -> str:
+def _insert_sql(model: type[Model], fields: list, unless_exists: tuple[str, ...], *, returning: bool) -> str:
     def build() -> str:
         sql = f"INSERT INTO {_table(model)} ({_column_list(fields)}) VALUES ({', '.join(['%s'] * len(fields))})"
         if unless_exists:
@@ -227,3 +258,117 @@ def insert_row(obj: Model, *, unless_exists: tuple[str, ...] = ()) -> bool:
     if inserted:
         obj._state.adding, obj._state.db = False, connection.alias
     return inserted
+
+
+# --- statements sent together -------------------------------------------------------------
+
+class Statement(NamedTuple):
+    """A write whose answer nobody waits for: sent in a pipeline with the next statements."""
+
+    sql: str
+    params: list  # with many=True, a list of params lists (executemany)
+    many: bool = False
+    rows: int | None = None  # the row count it must report (checked once it has run)
+    label: str = ""  # what it writes, for the error when the row count is wrong
+
+
+@contextmanager
+def pipeline() -> Iterator[None]:
+    """One round trip for the statements inside (Postgres); elsewhere they simply run in order.
+
+    A pipeline's errors surface when it syncs, outside the cursors' own wrapping:
+    wrap_database_errors turns them into Django's (a lock timeout or lost connection
+    is an OperationalError the task retries, not a poisoned message)."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        yield
+
+
+def execute_all(statements: list[Statement]) -> Callable[[], None]:
+    """Execute `statements` in order; return the check of their row counts, to call once
+    they have run (inside `pipeline()` they only go out: call it after the pipeline)."""
+    cursors = []
+    for statement in statements:
+        cursor = connection.cursor()  # one each, so each has its own row count
+        if statement.many:
+            cursor.executemany(statement.sql, statement.params)
+        else:
+            cursor.execute(statement.sql, statement.params)
+        cursors.append((cursor, statement))
+
+    def check() -> None:
+        for cursor, statement in cursors:
+            try:
+                if statement.rows is not None:
+                    _check_rows(cursor.rowcount, statement.rows, statement.label)
+            finally:
+                cursor.close()
+
+    return check
+
+
+def send(statements: list[Statement]) -> None:
+    """Run `statements` in one round trip (Postgres) and check their row counts."""
+    if statements:
+        with pipeline():
+            check = execute_all(statements)
+        check()
+
+
+# --- writing later --------------------------------------------------------------------------
+
+_later = threading.local()  # .queue: this thread's queued writes, inside writing_later()
+
+
+@contextmanager
+def writing_later() -> Iterator[None]:
+    """Inside, `update_columns` and `save_row` queue their UPDATE instead of waiting for it.
+
+    Why: a drain's handlers save state rows (operations, coordinator and state-manager
+    rows) that nothing reads back before the next statement; each save waited a round
+    trip of its own. The queue goes out ahead of the next statement of any kind on this
+    connection, in the same round trip (so every read, ORM or not, sees it), or is taken
+    by `take_later()` to go with the drain's own writes. A queued write that fails raises
+    at that later statement, so only the engine's first, savepoint-less try of a batch
+    uses this: any failure there rolls everything back and the batch runs again with
+    savepoints and immediate writes, where each error belongs to its own handler.
+    """
+    previous = getattr(_later, "queue", None)
+    _later.queue = []
+    try:
+        with connection.execute_wrapper(_send_later_first):
+            yield
+    finally:
+        _later.queue = previous
+
+
+def write_later(statement: Statement) -> None:
+    """Queue `statement` inside `writing_later()`; elsewhere run it now."""
+    queue = getattr(_later, "queue", None)
+    if queue is not None:
+        queue.append(statement)
+    else:
+        send([statement])
+
+
+def take_later() -> list[Statement]:
+    """The queued writes, now the caller's to send (empty outside writing_later)."""
+    queue = getattr(_later, "queue", None)
+    if not queue:
+        return []
+    _later.queue = []
+    return queue
+
+
+def _send_later_first(execute, sql, params, many, context):
+    """Django execute wrapper: the queued writes go out first, in the same round trip."""
+    queued = take_later()
+    if not queued:
+        return execute(sql, params, many, context)
+    with pipeline():
+        check = execute_all(queued)
+        result = execute(sql, params, many, context)
+    check()
+    return result
