@@ -14,6 +14,8 @@ Steps: checking -> minting -> recording -> done (v2 deposit)
        compensation: refunding, unlocking, reminting
 """
 
+from dataclasses import dataclass
+
 from django.db.models import Sum
 
 from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, CoordinatorState, Operation
@@ -99,13 +101,32 @@ def reserved_mints(ctx) -> list:
     return [ctx.process.id, *Operation.MINT_KINDS, True]
 
 
-def user_minted(ctx, *, user: str, since: int) -> int:
-    """TIM3 this user had accepted for minting since `since` (one user's rows: a short index range)."""
-    return sql.select_sum(Operation, column="quantity", where=RESERVED_MINTS + ' AND "user" = %s AND created_at > %s',
-                          params=[*reserved_mints(ctx), user, since])
+USER_MINTED = RESERVED_MINTS + ' AND "user" = %s AND created_at > %s'
+LEFT_HOUR_WINDOW = RESERVED_MINTS + " AND created_at > %s AND created_at <= %s"
+RECENT_REQUESTS = 'process_id = %s AND "user" = %s AND created_at > %s'
 
 
-def system_minted_last_hour(ctx, c: CoordinatorState) -> int:
+@dataclass
+class MintUsage:
+    """What check_mint_allowed weighs, read in one round trip (three small index ranges)."""
+
+    user_day: int  # TIM3 this user had accepted for minting in the last 24 hours
+    left_window: int  # accepted for minting, and now older than the system's rolling hour
+    window_since: int  # where that hour starts now
+    recent_requests: int  # this user's operations in the last minute
+
+
+def mint_usage(ctx, c: CoordinatorState, user: str) -> MintUsage:
+    since = max(c.hour_window_since, ctx.now - HOUR_MS)  # the window's start never moves back
+    day, left, recent = sql.select_values(Operation, aggregates=[
+        ("SUM(quantity)", USER_MINTED), ("SUM(quantity)", LEFT_HOUR_WINDOW), ("COUNT(*)", RECENT_REQUESTS)],
+        params=[*reserved_mints(ctx), user, ctx.now - DAY_MS, *reserved_mints(ctx), c.hour_window_since, since,
+                ctx.process.id, user, ctx.now - MINUTE_MS])
+    return MintUsage(user_day=int(day or 0), left_window=int(left or 0), window_since=since,
+                     recent_requests=int(recent))
+
+
+def system_minted_last_hour(c: CoordinatorState, usage: MintUsage) -> int:
     """TIM3 accepted for minting in the rolling hour before this message.
 
     The window is kept in `c`: slide its start to now - 1 h, taking off only the
@@ -113,12 +134,9 @@ def system_minted_last_hour(ctx, c: CoordinatorState) -> int:
     whatever the hour's traffic). Message times are not strictly ordered across
     senders; the start never moves back.
     """
-    since = ctx.now - HOUR_MS
-    if since > c.hour_window_since:
-        c.hour_window_minted -= sql.select_sum(
-            Operation, column="quantity", where=RESERVED_MINTS + " AND created_at > %s AND created_at <= %s",
-            params=[*reserved_mints(ctx), c.hour_window_since, since])
-        c.hour_window_since = since
+    if usage.window_since > c.hour_window_since:
+        c.hour_window_minted -= usage.left_window
+        c.hour_window_since = usage.window_since
     return c.hour_window_minted
 
 
@@ -134,9 +152,11 @@ def release(c: CoordinatorState, op: Operation) -> None:
     op.reserved = False
 
 
-def check_rate_limit(ctx, c: CoordinatorState, user: str) -> str | None:
-    recent = sql.select_value(Operation, expression="COUNT(*)", where='process_id = %s AND "user" = %s AND created_at > %s',
-                              params=[ctx.process.id, user, ctx.now - MINUTE_MS])
+def check_rate_limit(ctx, c: CoordinatorState, user: str, *, recent: int | None = None) -> str | None:
+    """`recent`: the user's operations in the last minute, when the caller has counted them."""
+    if recent is None:
+        recent = sql.select_value(Operation, expression="COUNT(*)", where=RECENT_REQUESTS,
+                                  params=[ctx.process.id, user, ctx.now - MINUTE_MS])
     if recent >= c.rate_limit_per_minute:
         return f"Too many requests: at most {c.rate_limit_per_minute} per minute per wallet."
     return None
@@ -150,11 +170,12 @@ def check_mint_allowed(ctx, c: CoordinatorState, user: str, quantity: int) -> st
         return f"Amount is below the minimum of {format_units(c.min_amount)} TIM3."
     if quantity > c.max_amount:
         return f"Amount is above the maximum of {format_units(c.max_amount)} TIM3 per operation."
-    used = user_minted(ctx, user=user, since=ctx.now - DAY_MS)
+    usage = mint_usage(ctx, c, user)
+    used = usage.user_day
     if used + quantity > c.user_daily_limit:
         return (f"Daily limit: {format_units(used)} of {format_units(c.user_daily_limit)} TIM3 "
                 "already used in the last 24 hours.")
-    used = system_minted_last_hour(ctx, c)
+    used = system_minted_last_hour(c, usage)
     if used + quantity > c.system_hourly_limit:
         return f"System limit: the system mints at most {format_units(c.system_hourly_limit)} TIM3 per hour; try later."
     if quantity >= c.large_threshold:
@@ -163,7 +184,7 @@ def check_mint_allowed(ctx, c: CoordinatorState, user: str, quantity: int) -> st
             params=[*reserved_mints(ctx), user, c.large_threshold, ctx.now - c.cooldown_ms])
         if recent_large:
             return f"Cooldown: one large operation per {c.cooldown_ms // 1000} seconds."
-    return check_rate_limit(ctx, c, user)
+    return check_rate_limit(ctx, c, user, recent=usage.recent_requests)
 
 
 def open_operation(ctx, *, kind: str, user: str, quantity: int, reserved: bool = False) -> Operation:
@@ -185,7 +206,7 @@ def await_reply(ctx, op: Operation, *, step: str, target: str, tags: dict) -> No
     """Send the operation's next request and remember which answer it waits for."""
     out = ctx.send(target=target, tags={**tags, "X-Operation-Id": op.op_id})
     op.step, op.awaiting, op.expiring, op.updated_at = step, out.msg_id, False, ctx.now
-    save_operation(op)
+    save_operation(remember(ctx, op))
     ctx.note(operation=op.op_id, step=step)
 
 
@@ -213,6 +234,25 @@ def save_operation(op: Operation) -> None:
         sql.insert_row(op)
     else:
         sql.save_row(op)
+
+
+def operation(ctx, op_id: str) -> Operation | None:
+    """This coordinator's operation `op_id`, or None: read once per drain (Context.memo), so
+    a reply in the same transaction as its request (a followed cascade) needs no read. Every
+    handler that reads or saves an operation goes through here or `remember`, so the object
+    in the memo is the row: each save writes it, and no one changes the row behind it."""
+    key = ("operation", op_id)
+    op = ctx.memo.get(key)
+    if op is None:
+        op = sql.select_one(Operation, where="process_id = %s AND op_id = %s", params=[ctx.process.id, op_id])
+        if op is not None:
+            ctx.memo[key] = op
+    return op
+
+
+def remember(ctx, op: Operation) -> Operation:
+    """`op` as the memo's object for its id (see `operation`): the memo's when it has one."""
+    return ctx.memo.setdefault(("operation", op.op_id), op)
 
 
 def position(ctx, user: str) -> CoordinatorPosition:
@@ -385,7 +425,7 @@ def reply_operation(msg, ctx, *, expected_from: str, name: str) -> tuple[Coordin
     """
     c = config(ctx)
     op_id = msg.get("X-Operation-Id")
-    op = sql.select_one(Operation, where="process_id = %s AND op_id = %s", params=[ctx.process.id, op_id or ""])
+    op = operation(ctx, op_id or "")
     if msg.sender != getattr(c, expected_from):  # the usual sender needs no look at the log
         asked = awaited_target(msg, op) if op is not None and op.status == Operation.PENDING else None
         if not asked or msg.sender != asked:
@@ -659,7 +699,8 @@ def cleanup_expired(msg, ctx):
                                        updated_at__lt=ctx.now - c.pending_timeout_ms).exclude(awaiting="").exclude(
         step__startswith="stuck-")
     count = 0
-    for op in expired.order_by("updated_at", "op_id")[:100]:
+    for found in expired.order_by("updated_at", "op_id")[:100]:
+        op = remember(ctx, found)  # the same row: the memo's object when it has one
         awaited = awaited_target(msg, op)
         if not awaited:
             continue  # sent after this tick was scheduled: the next tick looks at it
@@ -674,9 +715,8 @@ def cleanup_expired(msg, ctx):
 @handlers.add("Message-Status-Response")
 def on_message_status(msg, ctx):
     c = config(ctx)
-    op = sql.select_one(Operation, where="process_id = %s AND op_id = %s AND status = %s AND expiring = %s",
-                        params=[ctx.process.id, msg.get("X-Operation-Id") or "", Operation.PENDING, True])
-    if op is None or op.awaiting != msg.get("Message-Id"):
+    op = operation(ctx, msg.get("X-Operation-Id") or "")
+    if op is None or op.status != Operation.PENDING or not op.expiring or op.awaiting != msg.get("Message-Id"):
         return  # answered in the meantime
     awaited = awaited_target(msg, op)
     if msg.sender != awaited:

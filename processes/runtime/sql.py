@@ -131,6 +131,18 @@ def select_value(model: type[Model], *, expression: str, where: str, params: lis
     return None if row is None else row[0]
 
 
+def select_values(model: type[Model], *, aggregates: list[tuple[str, str]], params: list) -> list:
+    """Several aggregates over `model`'s rows in one round trip: for each (expression, where),
+    `(SELECT expression FROM table WHERE where)`; the values as the driver gives them (a
+    SUM of no rows is None). `params` are all the wheres' params, in order."""
+    key = ("values", model, tuple(aggregates))
+    text = _statement(key, lambda: "SELECT " + ", ".join(
+        f"(SELECT {expression} FROM {_table(model)} WHERE {where})" for expression, where in aggregates))
+    with connection.cursor() as cursor:
+        cursor.execute(text, params)
+        return list(cursor.fetchone())
+
+
 def select_sum(model: type[Model], *, column: str, where: str, params: list) -> int:
     """SUM(column) over the matching rows as an exact int, 0 when none match.
     (Postgres sums a bigint column as numeric: a Decimal, which int() takes exactly.)"""
