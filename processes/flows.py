@@ -6,7 +6,6 @@ the message deciding it, so it is never out of step with the message log.
 """
 
 from django.db import models, transaction
-from django.db.models import Q
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -93,10 +92,10 @@ def _flow_ids(messages: list[Message]) -> dict[str, str]:
     named = {(m.sender, m.get("Operation-Id")) for m in messages if m.get("Flow-Status") and m.get("Operation-Id")}
     owners: dict[tuple[str, str], str] = {}
     if named:
-        match = Q()
-        for process_id, op_id in named:
-            match |= Q(process_id=process_id, op_id=op_id)
-        owners = {(p, o): f for p, o, f in Operation.objects.filter(match).values_list("process_id", "op_id", "flow_id")}
+        senders, op_ids = sorted({p for p, _ in named}), sorted({o for _, o in named})
+        found = sql.select_rows(Operation, params=[*senders, *op_ids], where=(  # the (process, op_id) index
+            f"process_id IN ({', '.join(['%s'] * len(senders))}) AND op_id IN ({', '.join(['%s'] * len(op_ids))})"))
+        owners = {(op.process_id, op.op_id): op.flow_id for op in found}
     return {m.msg_id: owners.get((m.sender, m.get("Operation-Id")), m.pushed_for) for m in messages}
 
 
@@ -106,7 +105,9 @@ def track_flows(sender, messages, **kwargs) -> None:
     if not deciding:
         return
     flow_ids = _flow_ids(deciding)
-    flows = {f.id: f for f in Flow.objects.filter(id__in=set(flow_ids.values()), status=Flow.PENDING)}
+    ids = sorted(set(flow_ids.values()))
+    flows = {f.id: f for f in sql.select_rows(Flow, where=f"id IN ({', '.join(['%s'] * len(ids))}) AND status = %s",
+                                               params=[*ids, Flow.PENDING])}
     ended = []
     for msg in deciding:
         flow = flows.get(flow_ids[msg.msg_id])
@@ -116,7 +117,7 @@ def track_flows(sender, messages, **kwargs) -> None:
         if decision:
             flow.status, flow.error = decision
             flow.ended_at = timezone.now()
-            flow.save(update_fields=["status", "error", "ended_at"])
+            sql.update_columns(flow, "status", "error", "ended_at")  # inside a drain: sent with its writes
             ended.append(flow)
     if ended:
         transaction.on_commit(lambda: flows_ended.send(sender=Flow, flows=ended))

@@ -211,3 +211,13 @@ def test_insert_or_add_creates_the_row_then_adds_to_it_exactly(process):
     assert (row.balance, row.locked) == (2**62 + 2**61 + 3, 0)
     with pytest.raises(IntegrityError), transaction.atomic():  # balance >= 0 still holds
         credit(-(2**63 - 1))
+
+
+def test_what_is_still_queued_when_the_block_ends_is_written_then(process):
+    row = account(process, 1)
+    with transaction.atomic():
+        with sql.writing_later():
+            sql.update_later(TokenAccount, set="balance = balance + %s", where="id = %s", params=[6, row.pk], rows=1)
+        # the block ended: sent, inside the transaction
+        assert sql.select_value(TokenAccount, expression="balance", where="id = %s", params=[row.pk]) == 7
+    assert TokenAccount.objects.get(pk=row.pk).balance == 7

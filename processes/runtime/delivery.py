@@ -372,12 +372,18 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
     so the messages are read after the lock is held and the writes are done.
     Raises Process.DoesNotExist, or ProcessBusy (wait=False, locked by another).
     """
-    if connection.vendor != "postgresql":
-        sql.send(before)
-        process = lock_process(process_id, wait=wait)
-        return process, list(Message.objects.filter(target=process.id, status=Message.PENDING).order_by("seq")[:batch_size])
-    lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
     pending_sql = sql.select_statement(Message, where="target = %s AND status = %s", order_by="seq", limit=batch_size)
+    if connection.vendor != "postgresql":
+        # No row locks here (SQLite: the database's one writer orders drains); the same
+        # statements without the ORM, whose query building cost more than SQLite's answer.
+        sql.send(before)
+        process = sql.select_one(Process, where="id = %s", params=[process_id])
+        if process is None:
+            raise Process.DoesNotExist(process_id)
+        with connection.cursor() as cursor:
+            cursor.execute(pending_sql, [process_id, Message.PENDING])
+            return process, sql.instances(Message, cursor.fetchall())
+    lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
         with sql.pipeline():
             check = sql.execute_all(before)

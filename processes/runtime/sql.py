@@ -342,7 +342,8 @@ def writing_later() -> Iterator[None]:
     rows) that nothing reads back before the next statement; each save waited a round
     trip of its own. The queue goes out ahead of the next statement of any kind on this
     connection, in the same round trip (so every read, ORM or not, sees it), or is taken
-    by `take_later()` to go with the drain's own writes. A queued write that fails raises
+    by `take_later()` to go with the drain's own writes; what is left at the end of the
+    block goes out then (use it inside the transaction, so that is before the commit). A queued write that fails raises
     at that later statement, so only the engine's first, savepoint-less try of a batch
     uses this: any failure there rolls everything back and the batch runs again with
     savepoints and immediate writes, where each error belongs to its own handler.
@@ -352,6 +353,7 @@ def writing_later() -> Iterator[None]:
     try:
         with connection.execute_wrapper(_send_later_first):
             yield
+            send(take_later())  # what the last statements queued: never left behind
     finally:
         _later.queue = previous
 
