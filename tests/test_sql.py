@@ -221,3 +221,35 @@ def test_what_is_still_queued_when_the_block_ends_is_written_then(process):
         # the block ended: sent, inside the transaction
         assert sql.select_value(TokenAccount, expression="balance", where="id = %s", params=[row.pk]) == 7
     assert TokenAccount.objects.get(pk=row.pk).balance == 7
+
+
+def test_values_are_written_in_the_form_the_orm_writes_them(process):
+    """sql.py passes plain values (str, int, bool, None) straight through; what it hands the
+    driver must equal the ORM's get_db_prep_save, on each backend, for every kind of field."""
+    from django.db import connection
+
+    from processes.flows import Flow
+
+    def orm_form(obj, fields) -> list:
+        # add=False: an auto_now_add date keeps what sql._prepared's pre_save just set
+        values = [f.get_db_prep_save(f.pre_save(obj, False), connection) for f in fields]
+        return [plain(v) for v in values]
+
+    def plain(value):  # psycopg's Int2/4/8 only type a literal for server-side binding (off): the int itself
+        return int(value) if type(value).__name__ in ("Int2", "Int4", "Int8") else comparable(value)
+
+    def comparable(value):  # a Jsonb (or any adapter) compares by its kind and what it wraps
+        return (type(value).__name__, value.obj) if hasattr(value, "obj") else value
+
+    message = Message(msg_id=new_id(), sender=new_id(), target=process.id, action="Transfer",
+                      tags=[["Action", "Transfer"], ["Quantity", str(BIG)]], data="", timestamp=BIG, slot=None,
+                      reference=3, pushed_for=new_id(), parent_id=None, status=Message.APPLIED, handled=True,
+                      result={"messages": [], "changes": [{"change": f"+{BIG}"}]}, attempts=0, applied_at=BIG)
+    operation = Operation(process=process, op_id=new_id(), kind=Operation.DEPOSIT, user=new_id(), quantity=BIG,
+                          step="minting", reserved=True, expiring=False, flow_id=new_id(), request_id=new_id(),
+                          created_at=1, updated_at=2)
+    flow = Flow(id=new_id(), kind="deposit", user=new_id(), target=process.id, quantity=None)
+    for obj in (message, operation, flow, TokenAccount(process=process, account=new_id(), balance=BIG)):
+        fields = [f for f in obj._meta.concrete_fields if not f.primary_key or obj.pk is not None]
+        ours = [comparable(v) for v in sql._prepared(obj, fields, add=True)]
+        assert ours == orm_form(obj, fields), type(obj).__name__

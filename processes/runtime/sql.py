@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, models
 from django.db.models import Model
 
 _statements: dict[tuple, str] = {}
@@ -81,9 +81,36 @@ def instances(model: type[Model], rows) -> list:
     return [_instance(model, row) for row in rows]
 
 
+# Fields whose value goes to the driver as it is when it already has this exact Python type
+# (or is None): all the ORM's get_db_prep_save would do is check that (and on Postgres wrap
+# ints in psycopg's Int8, whose only use is server-side binding, which Django leaves off).
+# Any other value, and every other field (JSON, dates: the backend's own form), takes the ORM's path.
+_PLAIN_TYPES = ((models.CharField, str), (models.TextField, str), (models.BooleanField, bool),
+                (models.IntegerField, int))
+_plain: dict[tuple, list] = {}
+
+
+def _plain_type(field) -> type | None:
+    if field.is_relation:
+        field = field.target_field
+    if type(field).pre_save is not models.Field.pre_save:  # auto_now and the like set the value
+        return None
+    return next((python for kind, python in _PLAIN_TYPES if isinstance(field, kind)), None)
+
+
 def _prepared(obj: Model, fields, *, add: bool) -> list:
     """The fields' values as the ORM would write them (pre_save for auto fields, then the backend's form)."""
-    return [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
+    key = (type(obj), tuple(fields))
+    plain = _plain.get(key)
+    if plain is None:
+        plain = _plain[key] = [_plain_type(f) for f in fields]
+    values = []
+    for field, python in zip(fields, plain, strict=True):
+        value = getattr(obj, field.attname)
+        if python is None or not (value is None or type(value) is python):
+            value = field.get_db_prep_save(field.pre_save(obj, add), connection)
+        values.append(value)
+    return values
 
 
 # --- reading ---------------------------------------------------------------------------
