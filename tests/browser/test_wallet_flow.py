@@ -135,6 +135,14 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     shot(page, screenshots, "desktop-wallet-deposit-typed")
 
     # --- deposit 25.5: the card ticks off as hops arrive on the websocket ---------------------
+    # The card opens its flow's socket once the POST has answered; a fast server may have
+    # finished the flow by then, and the card catches up from the API. So that this test
+    # sees the websocket deliver the hops, a second tab is already streaming every flow
+    # (the home page's live diagram) when the deposit starts.
+    streaming = watch.page(desktop, "desktop-stream")
+    streaming.goto(base + "/")
+    expect(streaming.locator("[data-live-state]").first).to_have_attribute("data-state", "live")
+    page.bring_to_front()
     page.click("#deposit-panel [data-submit]")
     expect(page.locator(".pending-card")).to_have_count(2)
     deposit_flow = page.locator(".pending-card").first.get_attribute("data-flow")
@@ -142,9 +150,15 @@ def test_wallet_journey(live_server_url, browser, screenshots):
     expect(deposit_card).to_have_attribute("data-state", "completed", timeout=20_000)
     expect(deposit_card.locator(".step.step-done")).to_have_count(5)
     expect(deposit_card.locator("[data-result]")).to_have_text("Done: 25.5 TIM3 minted to your wallet.")
+    ended = lambda: any(f.get("type") == "flow" and f.get("flow") == deposit_flow  # noqa: E731
+                        and f.get("status") == "completed" for f in watch.frames)
+    for _ in range(200):  # Playwright hands frames over while it waits: give it up to 10 s
+        if watch.hops_of(deposit_flow) and ended():
+            break
+        page.wait_for_timeout(50)
     assert watch.hops_of(deposit_flow), "no hop of the deposit arrived over the websocket"
-    assert any(f.get("type") == "flow" and f.get("flow") == deposit_flow and f.get("status") == "completed"
-               for f in watch.frames), "the flow's end did not arrive over the websocket"
+    assert ended(), "the flow's end did not arrive over the websocket"
+    streaming.close()
     expect(page.locator("#balances [data-balance='tim3']")).to_have_text("25.5")
     expect(page.locator("#balances [data-balance='usda_available']")).to_have_text("974.5")
     shot(page, screenshots, "desktop-wallet-deposit-completed")
