@@ -206,7 +206,9 @@ def await_reply(ctx, op: Operation, *, step: str, target: str, tags: dict) -> No
     """Send the operation's next request and remember which answer it waits for."""
     out = ctx.send(target=target, tags={**tags, "X-Operation-Id": op.op_id})
     op.step, op.awaiting, op.expiring, op.updated_at = step, out.msg_id, False, ctx.now
-    save_operation(remember(ctx, op))
+    if remember(ctx, op) is not op:  # a second object for one row: one of them is stale
+        raise RuntimeError(f"Operation {op.op_id} is held twice in this drain.")
+    save_operation(op)
     ctx.note(operation=op.op_id, step=step)
 
 
