@@ -129,7 +129,8 @@ def celery_broker(url: str):
 
     def switch(to: str) -> None:
         reset_broker_connections()
-        app.conf.broker_url = to
+        # Celery 5.6 reads the Django-namespaced key first, so set both.
+        app.conf.broker_url = app.conf.CELERY_BROKER_URL = to
 
     previous = app.conf.broker_url
     switch(url)
