@@ -14,6 +14,7 @@ from processes.blueprints.state import CoordinatorPosition, CoordinatorRole, Coo
 from processes.blueprints.state_manager import format_bp, health_bp, risk_level
 from processes.flows import Flow, start_flow
 from processes.invariants import check_reserves, reserves_snapshot
+from processes.runtime import prepared
 from processes.runtime.delivery import send_message
 from processes.runtime.models import Process
 from processes.runtime.quantities import parse_quantity
@@ -79,7 +80,7 @@ _COORDINATOR_WITH_COLLATERAL = (
 
 def _fetch_rows(sql: str, params: list) -> list:
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(prepared.register(sql), params)
         return cursor.fetchall()
 
 

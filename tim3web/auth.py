@@ -21,6 +21,7 @@ from django.utils import timezone
 from ninja.security import APIKeyCookie, HttpBearer
 from ninja.utils import check_csrf
 
+from processes.runtime import prepared
 from processes.runtime.sql import convert_row, converters_for
 from tim3web.accounts import wallet_of
 from tim3web.errors import ApiError
@@ -77,7 +78,7 @@ def _token_query(vendor: str) -> tuple[str, list]:
 def _token_owner(token_hash: str) -> TokenOwner | None:
     sql, converters = _token_query(connection.vendor)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [token_hash])
+        cursor.execute(prepared.register(sql), [token_hash])
         row = cursor.fetchone()
     if row is None:
         return None

@@ -188,6 +188,9 @@ TIM3_FOLLOW_SECONDS = float(os.environ.get("TIM3_FOLLOW_SECONDS", "0.25"))
 # ...and takes up to this many of the woken processes into the same transaction (one commit
 # for several hops; 0 = one transaction per drain).
 TIM3_FOLLOW_DRAINS = int(os.environ.get("TIM3_FOLLOW_DRAINS", "8"))
+# Postgres: run the engine's fixed statements as prepared statements, planned once per connection
+# (processes/runtime/prepared.py). Turn off behind a pooler in transaction mode (PgBouncer).
+TIM3_PG_PREPARE = env_bool("TIM3_PG_PREPARE", True)
 TIM3_MAX_ATTEMPTS = int(os.environ.get("TIM3_MAX_ATTEMPTS", "5"))
 TIM3_SWEEP_AFTER_MS = int(os.environ.get("TIM3_SWEEP_AFTER_MS", "2000"))
 

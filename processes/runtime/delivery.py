@@ -372,7 +372,10 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
     so the messages are read after the lock is held and the writes are done.
     Raises Process.DoesNotExist, or ProcessBusy (wait=False, locked by another).
     """
-    pending_sql = sql.select_statement(Message, where="target = %s AND status = %s", order_by="seq", limit=batch_size)
+    # The status is written into the text, not passed: a prepared statement's generic plan can then
+    # use the partial index of pending messages (with a parameter only a per-call plan can).
+    pending_sql = sql.select_statement(Message, where=f"target = %s AND status = '{Message.PENDING}'",
+                                       order_by="seq", limit=batch_size)
     if connection.vendor != "postgresql":
         # No row locks here (SQLite: the database's one writer orders drains); the same
         # statements without the ORM, whose query building cost more than SQLite's answer.
@@ -381,14 +384,14 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
         if process is None:
             raise Process.DoesNotExist(process_id)
         with connection.cursor() as cursor:
-            cursor.execute(pending_sql, [process_id, Message.PENDING])
+            cursor.execute(pending_sql, [process_id])
             return process, sql.instances(Message, cursor.fetchall())
     lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
     with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
         with sql.pipeline():
             check = sql.execute_all(before)
             lock_cursor.execute(lock_sql, [process_id])
-            pending_cursor.execute(pending_sql, [process_id, Message.PENDING])
+            pending_cursor.execute(pending_sql, [process_id])
         check()
         found = sql.instances(Process, lock_cursor.fetchall())
         pending = sql.instances(Message, pending_cursor.fetchall())

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 from django.db import DatabaseError, connection, models
 from django.db.models import Model
 
+from processes.runtime import prepared
+
 _statements: dict[tuple, str] = {}
 _converters: dict[tuple, list] = {}
 
@@ -29,7 +31,7 @@ def _statement(key: tuple, build: Callable[[], str]) -> str:
     """The SQL text for `key`, built the first time it is asked for."""
     sql = _statements.get(key)
     if sql is None:
-        sql = _statements[key] = build()
+        sql = _statements[key] = prepared.register(build())
     return sql
 
 
@@ -321,6 +323,8 @@ def pipeline() -> Iterator[None]:
     if connection.vendor != "postgresql":
         yield
         return
+    if prepared.enabled():
+        prepared.prepare_wanted(connection.connection)  # statements first run in earlier pipelines
     with connection.wrap_database_errors, connection.connection.pipeline():
         yield
 
