@@ -7,7 +7,7 @@ really are prepared (otherwise this module is only overhead).
 """
 
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 
 from processes.blueprints.state import TokenAccount
 from processes.runtime import prepared, sql
@@ -104,4 +104,29 @@ def test_prepared_statements_outlive_a_rollback_and_a_new_connection_prepares_af
 
     connection.close()  # a new server session knows nothing of the old one's statements
     assert sql.select_rows(TokenAccount, where=where, params=[process.id]) == []
+    assert name_of(text) in prepared_here()
+
+
+def test_a_column_type_changed_under_a_prepared_statement_fails_once_as_transient_then_runs(db):
+    # A migration altering a column's type while a connection keeps its plans: Postgres refuses
+    # the old plan. That try fails as an OperationalError (the drain task retries those; nothing
+    # was applied) and the next one prepares afresh, instead of every use failing until a restart.
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE tim3_prepared_probe (id integer PRIMARY KEY, v integer)")
+        cursor.execute("INSERT INTO tim3_prepared_probe VALUES (1, 5)")
+    text = prepared.register("SELECT v FROM tim3_prepared_probe WHERE id = %s")
+
+    def read() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(text, [1])
+            return cursor.fetchone()[0]
+
+    assert read() == 5
+    assert name_of(text) in prepared_here()
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE tim3_prepared_probe ALTER COLUMN v TYPE bigint")
+    with pytest.raises(OperationalError, match="prepared again"):
+        with transaction.atomic():
+            read()
+    assert read() == 5
     assert name_of(text) in prepared_here()

@@ -25,7 +25,9 @@ Prepared statements live in the server session, not in a transaction (a
 rollback keeps them), so what is prepared is remembered on the psycopg
 connection object itself: a new connection starts afresh. Behind a pooler in
 transaction mode (PgBouncer) set TIM3_PG_PREPARE=0: there the session is not
-the client's.
+the client's. A migration that changes a column's type under a session's
+plans fails that session's next try once, as an OperationalError (retried by
+a drain like a lost connection), and the session prepares afresh.
 """
 
 import logging
@@ -34,7 +36,7 @@ import threading
 
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, OperationalError, connection
 from django.db.backends.signals import connection_created
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,33 @@ class _Session:
     def __init__(self) -> None:
         self.ready: set[str] = set()
         self.wanted: set[str] = set()
+        self.stale = False  # a table changed under its plans: DEALLOCATE ALL before the next use
+
+
+_ALREADY_PREPARED = "42P05"  # duplicate_prepared_statement
+_STALE_PLAN = "0A000"  # feature_not_supported: "cached plan must not change result type"
+
+
+def is_stale_plan(exc: BaseException) -> bool:
+    """Whether `exc` (Django's or psycopg's) says a column's type changed under a prepared statement."""
+    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    return getattr(cause, "sqlstate", None) == _STALE_PLAN and "cached plan" in str(cause)
+
+
+def forget(pgconn: psycopg.Connection | None) -> None:
+    """After is_stale_plan: this session's statements are prepared again before their next use."""
+    if pgconn is not None:
+        _session(pgconn).stale = True
+
+
+def _refresh(pgconn: psycopg.Connection, session: _Session) -> None:
+    if pgconn.pgconn.pipeline_status or pgconn.info.transaction_status not in (
+            psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS):
+        return  # not now: meanwhile everything runs as text
+    pgconn.execute("DEALLOCATE ALL")
+    session.wanted |= session.ready
+    session.ready.clear()
+    session.stale = False
 
 
 def _session(pgconn: psycopg.Connection) -> _Session:
@@ -85,6 +114,10 @@ def prepare_wanted(pgconn: psycopg.Connection | None) -> None:
     if pgconn is None or pgconn.closed or pgconn.pgconn.pipeline_status:
         return
     session = _session(pgconn)
+    if session.stale:
+        _refresh(pgconn, session)
+        if session.stale:
+            return
     texts = [t for t in session.wanted if t not in session.ready and t not in _refused]
     session.wanted.clear()
     if texts:
@@ -111,6 +144,8 @@ def _prepare(pgconn: psycopg.Connection, session: _Session, texts: list[str]) ->
         if len(texts) > 1:  # find which one: the others still get prepared
             for text in texts:
                 _prepare(pgconn, session, [text])
+        elif exc.sqlstate == _ALREADY_PREPARED:  # by the failed batch: PREPARE outlives a rollback
+            session.ready.add(texts[0])
         else:
             log.warning("Postgres will not prepare this statement; it runs as text (%s): %s", exc, texts[0])
             _refused.add(texts[0])
@@ -127,12 +162,30 @@ def execute_prepared(execute, sql, params, many, context):
         return execute(sql, params, many, context)
     pgconn = context["connection"].connection
     session = _session(pgconn)
-    if sql not in session.ready:
+    if session.stale or sql not in session.ready:
         session.wanted.add(sql)
         prepare_wanted(pgconn)  # does nothing inside a pipeline
-        if sql not in session.ready:
+        if session.stale or sql not in session.ready:
             return execute(sql, params, many, context)
-    return execute(run, params, many, context)
+    try:
+        return execute(run, params, many, context)
+    except DatabaseError as exc:
+        retry = stale_plan_error(exc, pgconn)
+        if retry is None:
+            raise
+        raise retry from exc
+
+
+def stale_plan_error(exc: DatabaseError, pgconn: psycopg.Connection | None) -> OperationalError | None:
+    """When a migration changed a column's type under this session's plans ("cached plan must
+    not change result type"): forget them, and return the error to raise instead. Nothing was
+    applied, and the next try (a drain's retry, the client's next request) runs on fresh
+    statements; an OperationalError, so the drain task retries it like a lost connection
+    instead of counting it toward dead-lettering the message. None for any other error."""
+    if not is_stale_plan(exc):
+        return None
+    forget(pgconn)
+    return OperationalError(f"a table changed under a prepared statement; it is prepared again at the next try ({exc})")
 
 
 def enabled() -> bool:

@@ -325,8 +325,14 @@ def pipeline() -> Iterator[None]:
         return
     if prepared.enabled():
         prepared.prepare_wanted(connection.connection)  # statements first run in earlier pipelines
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        yield
+    try:
+        with connection.wrap_database_errors, connection.connection.pipeline():
+            yield
+    except DatabaseError as exc:  # a pipeline's errors surface here, not in execute_prepared
+        retry = prepared.stale_plan_error(exc, connection.connection)
+        if retry is None:
+            raise
+        raise retry from exc
 
 
 def execute_all(statements: list[Statement]) -> Callable[[], None]:
