@@ -57,8 +57,8 @@ def register(sql: str) -> str:
         if sql not in _names:
             name = f"tim3_{len(_names) + 1}"
             count = sql.count("%s")
+            _names[sql] = name  # before _executes, which execute_prepared reads first (other threads)
             _executes[sql] = f"EXECUTE {name}({', '.join(['%s'] * count)})" if count else f"EXECUTE {name}"
-            _names[sql] = name
     return sql
 
 
@@ -113,15 +113,18 @@ def prepare_wanted(pgconn: psycopg.Connection | None) -> None:
     """PREPARE what this connection has run as text so far, in one round trip (not in a pipeline)."""
     if pgconn is None or pgconn.closed or pgconn.pgconn.pipeline_status:
         return
-    session = _session(pgconn)
-    if session.stale:
-        _refresh(pgconn, session)
+    # Django's errors, as from any statement: a lost connection here is an OperationalError
+    # the drain task retries, not a psycopg error it would count toward dead-lettering.
+    with connection.wrap_database_errors:
+        session = _session(pgconn)
         if session.stale:
-            return
-    texts = [t for t in session.wanted if t not in session.ready and t not in _refused]
-    session.wanted.clear()
-    if texts:
-        _prepare(pgconn, session, texts)
+            _refresh(pgconn, session)
+            if session.stale:
+                return
+        texts = [t for t in session.wanted if t not in session.ready and t not in _refused]
+        session.wanted.clear()
+        if texts:
+            _prepare(pgconn, session, texts)
 
 
 def _prepare(pgconn: psycopg.Connection, session: _Session, texts: list[str]) -> None:
