@@ -6,6 +6,7 @@ nothing lost when Postgres will not prepare a statement, and the statements
 really are prepared (otherwise this module is only overhead).
 """
 
+import psycopg
 import pytest
 from django.db import OperationalError, connection, transaction
 
@@ -130,3 +131,40 @@ def test_a_column_type_changed_under_a_prepared_statement_fails_once_as_transien
             read()
     assert read() == 5
     assert name_of(text) in prepared_here()
+
+
+def test_a_prepare_that_times_out_leaves_the_statement_its_own_transient_error(transactional_db):
+    # Another session holds a table lock and ours has a lock timeout: the PREPARE (which locks
+    # the table too) times out inside its savepoint. The caller's transaction must come out as
+    # it was, so the statement itself meets the lock and fails with its own OperationalError
+    # (which a drain retries), not "current transaction is aborted" (which it would not).
+    url = connection.settings_dict
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE tim3_prepared_lock_probe (id integer PRIMARY KEY, v integer)")
+        cursor.execute("INSERT INTO tim3_prepared_lock_probe VALUES (1, 5)")
+    text = prepared.register("SELECT v FROM tim3_prepared_lock_probe WHERE id = %s")
+    holder = psycopg.connect(host=url["HOST"] or "127.0.0.1", port=url["PORT"] or 5432, user=url["USER"],
+                             password=url["PASSWORD"] or None, dbname=url["NAME"])
+    try:
+        holder.execute("LOCK TABLE tim3_prepared_lock_probe IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(OperationalError, match="lock timeout"):
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '100ms'")
+                cursor.execute(text, [1])
+        holder.rollback()
+        with connection.cursor() as cursor:
+            cursor.execute(text, [1])  # the lock is gone: prepared now, and it answers
+            assert cursor.fetchone()[0] == 5
+        assert name_of(text) in prepared_here()
+    finally:
+        holder.rollback()
+        holder.close()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE tim3_prepared_lock_probe")
+
+
+def test_long_in_lists_are_not_prepared(db):
+    # One prepared statement per list length would pile up plans in every session.
+    short = prepared.register("SELECT 1 FROM processes_process WHERE id IN (%s, %s)")
+    long = prepared.register("SELECT 1 FROM processes_process WHERE id IN (%s, %s, %s, %s, %s)")
+    assert short in prepared._names and long not in prepared._names

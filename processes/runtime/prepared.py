@@ -25,9 +25,16 @@ Prepared statements live in the server session, not in a transaction (a
 rollback keeps them), so what is prepared is remembered on the psycopg
 connection object itself: a new connection starts afresh. Behind a pooler in
 transaction mode (PgBouncer) set TIM3_PG_PREPARE=0: there the session is not
-the client's. A migration that changes a column's type under a session's
-plans fails that session's next try once, as an OperationalError (retried by
-a drain like a lost connection), and the session prepares afresh.
+the client's.
+
+Restart workers and Daphnes after a migration of the engine's tables (a
+deploy does): a session's statements keep the parameter types they were
+prepared with. A column whose result type changed fails that session's next
+try once, as an OperationalError (retried by a drain like a lost
+connection), and the session prepares afresh; but a widened column a
+statement only writes (integer -> bigint) keeps its integer parameter until
+the connection is replaced (workers: DB_CONN_MAX_AGE, 60 s; the web pool:
+psycopg_pool's max_lifetime, an hour).
 """
 
 import logging
@@ -46,12 +53,15 @@ _names: dict[str, str] = {}  # SQL text -> statement name (the same in every con
 _executes: dict[str, str] = {}  # SQL text -> the EXECUTE that replaces it
 _refused: set[str] = set()  # texts Postgres would not prepare: they run as text
 _PLACEHOLDER = re.compile(r"%s")
+# An IN list built for a batch's size makes one text per length; prepared, each would keep a
+# plan in every session. Short lists (one flow, the usual case) are prepared, longer ones not.
+_LONG_IN_LIST = re.compile(r"IN \((%s, ){4,}%s\)")
 
 
 def register(sql: str) -> str:
     """Run `sql` (a fixed text with %s placeholders) as a prepared statement from now on
     (Postgres; elsewhere nothing changes). Returns `sql`."""
-    if connection.vendor != "postgresql" or "%%" in sql or sql in _names:
+    if connection.vendor != "postgresql" or "%%" in sql or sql in _names or _LONG_IN_LIST.search(sql):
         return sql  # a literal % would read differently in PREPARE: leave such a text alone
     with _lock:
         if sql not in _names:
@@ -139,11 +149,14 @@ def _prepare(pgconn: psycopg.Connection, session: _Session, texts: list[str]) ->
     cursor = psycopg.ClientCursor(pgconn)  # no parameters: the simple protocol, several statements at once
     try:
         cursor.execute(f"SAVEPOINT tim3_prepare; {body}; RELEASE SAVEPOINT tim3_prepare" if guarded else body)
-    except psycopg.OperationalError:
-        return  # the connection is going away; its replacement starts afresh
     except psycopg.Error as exc:
-        if guarded:
+        if guarded:  # the caller's transaction as it was (a lost connection raises here, as Django's)
             cursor.execute("ROLLBACK TO SAVEPOINT tim3_prepare; RELEASE SAVEPOINT tim3_prepare")
+        if isinstance(exc, psycopg.OperationalError):
+            # A lock or statement timeout, a deadlock: another time. The caller's statement now
+            # runs as text and meets (or not) the same condition as its own error, as before.
+            session.wanted.update(texts)
+            return
         if len(texts) > 1:  # find which one: the others still get prepared
             for text in texts:
                 _prepare(pgconn, session, [text])
