@@ -794,5 +794,5 @@ handlers.add("Message-Status", handle=message_status)
 
 blueprint = register_blueprint(Blueprint(
     kind="coordinator", handlers=handlers,
-    state_models=[CoordinatorState, CoordinatorRole, Operation, CoordinatorPosition],
+    state_models=[CoordinatorState, CoordinatorRole, Operation, CoordinatorPosition], own_state=CoordinatorState,
 ))

@@ -360,5 +360,5 @@ handlers.add("Message-Status", handle=message_status)
 
 blueprint = register_blueprint(Blueprint(
     kind="token", handlers=handlers,
-    state_models=[TokenState, TokenAccount, TokenMinter, FaucetGrant, TokenOperation],
+    state_models=[TokenState, TokenAccount, TokenMinter, FaucetGrant, TokenOperation], own_state=TokenState,
 ))

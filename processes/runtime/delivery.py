@@ -361,8 +361,11 @@ def drain_mailbox(*, process_id: str, batch_size: int | None = None, wait: bool 
             follow = failed.before  # fewer each time: the loop ends
 
 
-def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
-                 before: list[sql.Statement] = ()) -> tuple[Process, list[Message]]:
+_kinds: dict[str, str] = {}  # process id -> kind, learned from the locks taken (a process's kind never changes)
+
+
+def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True, before: list[sql.Statement] = (),
+                 memo: dict | None = None) -> tuple[Process, list[Message]]:
     """Lock the process and read its pending messages, oldest first.
 
     On Postgres both statements (and the transaction's BEGIN, and the `before`
@@ -387,16 +390,29 @@ def open_mailbox(*, process_id: str, batch_size: int, wait: bool = True,
             cursor.execute(pending_sql, [process_id])
             return process, sql.instances(Message, cursor.fetchall())
     lock_sql = sql.select_statement(Process, where="id = %s", lock="FOR NO KEY UPDATE" + ("" if wait else " SKIP LOCKED"))
-    with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor:
+    # The state row its handlers will read first (own_state), read after the lock in the same
+    # round trip, when this transaction has not read it yet (memo) and the process's kind is known.
+    kind = _kinds.get(process_id)
+    state_model = get_blueprint(kind).own_state if kind and memo is not None else None
+    if state_model is not None and state_model._meta.label in memo:
+        state_model = None
+    with connection.cursor() as lock_cursor, connection.cursor() as pending_cursor, \
+            connection.cursor() as state_cursor:
         with sql.pipeline():
             check = sql.execute_all(before)
             lock_cursor.execute(lock_sql, [process_id])
             pending_cursor.execute(pending_sql, [process_id])
+            if state_model is not None:
+                state_cursor.execute(sql.select_statement(state_model, where="process_id = %s"), [process_id])
         check()
         found = sql.instances(Process, lock_cursor.fetchall())
         pending = sql.instances(Message, pending_cursor.fetchall())
+        state = sql.instances(state_model, state_cursor.fetchall()) if state_model is not None else []
     if not found:
-        raise _not_locked(process_id, wait=wait)
+        raise _not_locked(process_id, wait=wait)  # the state read is dropped: it was not under our lock
+    _kinds[process_id] = found[0].kind
+    if state:  # none: own_state reads again and refuses with the blueprint's own words
+        memo[state_model._meta.label] = state[0]
     return found[0], pending
 
 
@@ -426,15 +442,16 @@ def _drain(*, process_id: str, batch_size: int, savepoints: bool, wait: bool, fo
     # Without savepoints the handlers' state saves are queued and sent with the next statement
     # (sql.writing_later); with them, each save is immediate and fails inside its own handler.
     with transaction.atomic(), (nullcontext() if savepoints else sql.writing_later()):
+        # Memoized state rows (Context.memo), per process: shared by all its batches in this
+        # transaction while no savepoints are used (a handler that raises rolls them back with the rest).
+        memos = {process_id: None if savepoints else {}}
         try:
-            process, pending = open_mailbox(process_id=process_id, batch_size=batch_size, wait=wait)
+            process, pending = open_mailbox(process_id=process_id, batch_size=batch_size, wait=wait,
+                                            memo=memos[process_id])
         except Process.DoesNotExist:
             return 0
         if not pending:
             return 0
-        # Memoized state rows (Context.memo), per process: shared by all its batches in this
-        # transaction while no savepoints are used (a handler that raises rolls them back with the rest).
-        memos = {process_id: None if savepoints else {}}
         drained = [apply_batch(process=process, pending=pending, batch_size=batch_size, savepoints=savepoints,
                                memo=memos[process_id])]
         wake: set[str] = set()
@@ -475,7 +492,8 @@ def _follow_in_transaction(drained: list[Drained], *, wake: set[str], memos: dic
             break
         before, unwritten = unwritten, []  # sent with this lock, whatever it answers
         try:
-            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False, before=before)
+            process, pending = open_mailbox(process_id=target, batch_size=batch_size, wait=False, before=before,
+                                            memo=memos.setdefault(target, {}))
         except ProcessBusy:
             busy.add(target)
             continue

@@ -12,6 +12,9 @@ class Blueprint:
     # Models holding this blueprint's state, each with a `process` foreign key:
     # replay wipes and rebuilds them, verify compares them.
     state_models: list = field(default_factory=list)
+    # The one row per process its handlers read through `own_state` (keyed by process): a
+    # drain reads it in the same round trip as the process's lock (delivery.open_mailbox).
+    own_state: type | None = None
 
 
 BLUEPRINTS: dict[str, Blueprint] = {}
