@@ -64,15 +64,15 @@ def request_faucet(*, wallet: str, quantity: str) -> Flow:
 # cost more CPU than Postgres takes to answer. Never cached: an admin may activate another
 # coordinator at any time, and a redemption depends on the reserves of the moment.
 _PROCESS = Process._meta.db_table
-_ACTIVE_COORDINATOR_AND_USDA = (
+_ACTIVE_COORDINATOR_AND_USDA = prepared.register(
     f"SELECT id, name, kind, active FROM {_PROCESS} WHERE (kind = %s AND active = %s) OR name = %s "
     f"ORDER BY version DESC")
 # A coordinator's available reserves, or a user's available v1 collateral in it, at least the quantity;
 # the active coordinator first, then the newest.
-_COORDINATOR_WITH_RESERVES = (
+_COORDINATOR_WITH_RESERVES = prepared.register(
     f"SELECT p.id FROM {_PROCESS} p JOIN {CoordinatorState._meta.db_table} c ON c.process_id = p.id "
     f"WHERE p.kind = %s AND c.custody - c.payouts_committed >= %s ORDER BY p.active DESC, p.version DESC LIMIT 1")
-_COORDINATOR_WITH_COLLATERAL = (
+_COORDINATOR_WITH_COLLATERAL = prepared.register(
     f"SELECT p.id FROM {_PROCESS} p JOIN {CoordinatorPosition._meta.db_table} r ON r.process_id = p.id "
     f'WHERE p.kind = %s AND r."user" = %s AND r.locked - r.committed >= %s '
     f"ORDER BY p.active DESC, p.version DESC LIMIT 1")
@@ -80,7 +80,7 @@ _COORDINATOR_WITH_COLLATERAL = (
 
 def _fetch_rows(sql: str, params: list) -> list:
     with connection.cursor() as cursor:
-        cursor.execute(prepared.register(sql), params)
+        cursor.execute(sql, params)
         return cursor.fetchall()
 
 

@@ -72,13 +72,13 @@ def _token_query(vendor: str) -> tuple[str, list]:
            f"JOIN {q(user_model._meta.db_table)} u ON u.{user_pk} = t.{q(ApiToken._meta.get_field('user').column)} "
            f"LEFT JOIN {q(Account._meta.db_table)} a ON a.{q(Account._meta.get_field('user').column)} = u.{user_pk} "
            f"WHERE t.{q(ApiToken._meta.get_field('token_hash').column)} = %s")
-    return sql, converters_for([*token_fields, *user_fields, address])
+    return prepared.register(sql), converters_for([*token_fields, *user_fields, address])
 
 
 def _token_owner(token_hash: str) -> TokenOwner | None:
     sql, converters = _token_query(connection.vendor)
     with connection.cursor() as cursor:
-        cursor.execute(prepared.register(sql), [token_hash])
+        cursor.execute(sql, [token_hash])
         row = cursor.fetchone()
     if row is None:
         return None

@@ -40,6 +40,8 @@ psycopg_pool's max_lifetime, an hour).
 import logging
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from django.conf import settings
@@ -85,21 +87,37 @@ _ALREADY_PREPARED = "42P05"  # duplicate_prepared_statement
 _STALE_PLAN = "0A000"  # feature_not_supported: "cached plan must not change result type"
 
 
-def is_stale_plan(exc: BaseException) -> bool:
-    """Whether `exc` (Django's or psycopg's) says a column's type changed under a prepared statement."""
-    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+def _is_stale_plan(exc: BaseException) -> bool:
+    """Whether `exc` (Django's) says a column's type changed under a prepared statement."""
+    cause = exc.__cause__
     return getattr(cause, "sqlstate", None) == _STALE_PLAN and "cached plan" in str(cause)
 
 
-def forget(pgconn: psycopg.Connection | None) -> None:
-    """After is_stale_plan: this session's statements are prepared again before their next use."""
-    if pgconn is not None:
-        _session(pgconn).stale = True
+@contextmanager
+def stale_plans_retried(pgconn: psycopg.Connection | None) -> Iterator[None]:
+    """Inside, a migration that changed a column's type under this session's plans ("cached
+    plan must not change result type") comes out as an OperationalError, and the session
+    prepares afresh before its next statement. Nothing was applied, and the next try (a
+    drain's retry, the client's next request) runs on fresh statements: an OperationalError
+    is what the drain task retries like a lost connection, instead of counting it toward
+    dead-lettering the message."""
+    try:
+        yield
+    except DatabaseError as exc:
+        if not _is_stale_plan(exc):
+            raise
+        if pgconn is not None:
+            _session(pgconn).stale = True
+        raise OperationalError(f"a table changed under a prepared statement; "
+                               f"it is prepared again at the next try ({exc})") from exc
+
+
+_SENDABLE = (psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS)  # not failed, nothing in flight
 
 
 def _refresh(pgconn: psycopg.Connection, session: _Session) -> None:
-    if pgconn.pgconn.pipeline_status or pgconn.info.transaction_status not in (
-            psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS):
+    """DEALLOCATE ALL after a stale plan (called outside pipelines, by prepare_wanted)."""
+    if pgconn.info.transaction_status not in _SENDABLE:
         return  # not now: meanwhile everything runs as text
     pgconn.execute("DEALLOCATE ALL")
     session.wanted |= session.ready
@@ -139,7 +157,7 @@ def prepare_wanted(pgconn: psycopg.Connection | None) -> None:
 
 def _prepare(pgconn: psycopg.Connection, session: _Session, texts: list[str]) -> None:
     status = pgconn.info.transaction_status
-    if status not in (psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS):
+    if status not in _SENDABLE:
         session.wanted.update(texts)  # a failed transaction or a query in flight: another time
         return
     # In a transaction (or about to start one: psycopg begins before the first statement),
@@ -183,25 +201,8 @@ def execute_prepared(execute, sql, params, many, context):
         prepare_wanted(pgconn)  # does nothing inside a pipeline
         if session.stale or sql not in session.ready:
             return execute(sql, params, many, context)
-    try:
+    with stale_plans_retried(pgconn):
         return execute(run, params, many, context)
-    except DatabaseError as exc:
-        retry = stale_plan_error(exc, pgconn)
-        if retry is None:
-            raise
-        raise retry from exc
-
-
-def stale_plan_error(exc: DatabaseError, pgconn: psycopg.Connection | None) -> OperationalError | None:
-    """When a migration changed a column's type under this session's plans ("cached plan must
-    not change result type"): forget them, and return the error to raise instead. Nothing was
-    applied, and the next try (a drain's retry, the client's next request) runs on fresh
-    statements; an OperationalError, so the drain task retries it like a lost connection
-    instead of counting it toward dead-lettering the message. None for any other error."""
-    if not is_stale_plan(exc):
-        return None
-    forget(pgconn)
-    return OperationalError(f"a table changed under a prepared statement; it is prepared again at the next try ({exc})")
 
 
 def enabled() -> bool:

@@ -325,14 +325,10 @@ def pipeline() -> Iterator[None]:
         return
     if prepared.enabled():
         prepared.prepare_wanted(connection.connection)  # statements first run in earlier pipelines
-    try:
-        with connection.wrap_database_errors, connection.connection.pipeline():
-            yield
-    except DatabaseError as exc:  # a pipeline's errors surface here, not in execute_prepared
-        retry = prepared.stale_plan_error(exc, connection.connection)
-        if retry is None:
-            raise
-        raise retry from exc
+    # A pipeline's errors surface as it syncs, not in execute_prepared: stale plans included.
+    with prepared.stale_plans_retried(connection.connection), connection.wrap_database_errors, \
+            connection.connection.pipeline():
+        yield
 
 
 def execute_all(statements: list[Statement]) -> Callable[[], None]:
