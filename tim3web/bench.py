@@ -120,9 +120,10 @@ class Stack:
 def cpu_by_role(stack: "Stack | None") -> dict[str, float]:
     """CPU seconds used so far by each part of the system on this machine (Linux /proc).
 
-    The stack's own processes by role; Postgres and Redis by process name (every
-    backend alive at the moment, so short-lived connections are missed); this
-    process as the load generator.
+    The stack's own processes by role; Postgres and Redis by process name: every
+    backend alive at the moment, plus what ended backends used (the postmaster reaps
+    them, so their time is in its children's counters); this process as the load
+    generator.
     """
     tick = os.sysconf("SC_CLK_TCK")
     roles = {proc.pid: role for role, proc in (stack.roles() if stack else [])}
@@ -139,7 +140,10 @@ def cpu_by_role(stack: "Stack | None") -> dict[str, float]:
         name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
         role = roles.get(int(entry)) or {"postgres": "postgres", "redis-server": "redis"}.get(name)
         if role:
-            used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            if role in ("postgres", "redis"):
+                ticks += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children (ended backends)
+            used[role] = used.get(role, 0.0) + ticks / tick
     return used
 
 
