@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse  # noqa: E402
 
 
 class RequestThreads:
-    """Long-lived request threads, each one request at a time (used from the event loop only).
+    """Long-lived request threads, each serving one request at a time.
 
     Django gives every request a ThreadSensitiveContext of its own, which starts a thread
     for it and joins that thread when the request ends: ~12 context switches and a thread
@@ -29,13 +29,17 @@ class RequestThreads:
     single-thread executor instead and gives it back when it ends. All of one request's
     sync code still runs in one thread, which no other request uses meanwhile. There are
     never more threads than requests once in flight (LimitConcurrency bounds those).
+    Used from the event loop only, so taking and giving back need no lock.
     """
 
     def __init__(self) -> None:
         self.idle: list[ThreadPoolExecutor] = []
 
     def take(self) -> ThreadPoolExecutor:
-        return self.idle.pop() if self.idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        try:
+            return self.idle.pop()  # atomic: safe even if two event loops (tests) share the handler
+        except IndexError:
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
 
     def give_back(self, executor: ThreadPoolExecutor) -> None:
         # A request cancelled while its sync code runs gives its thread back busy: the next
