@@ -191,7 +191,9 @@ def test_worker_killed_mid_drain_loses_and_duplicates_nothing(scaled, request, s
         assert time.monotonic() < deadline, "the killed worker's transaction is still open"
         time.sleep(0.05)
     left = pending_count()
-    assert left == in_flight and left > 0, (in_flight, left)
+    # Rolled back: as pending as when we looked. On a fast machine the transaction may instead reach its
+    # COMMIT in the few ms between that look and the kill: then exactly its whole batch is gone, never part.
+    assert left > 0 and left in (in_flight, in_flight - batch), (in_flight, left)
     assert (len(sent) - left) % batch == 0, f"a partial batch was committed: {left} pending"
     assert broker_backlog() >= 1, "acks_late: the dead worker's doorbell should still be unacknowledged in Redis"
 
