@@ -29,7 +29,7 @@ class RequestThreads:
     single-thread executor instead and gives it back when it ends. All of one request's
     sync code still runs in one thread, which no other request uses meanwhile. There are
     never more threads than requests once in flight (LimitConcurrency bounds those).
-    Used from the event loop only, so taking and giving back need no lock.
+    No lock: list.pop and list.append are atomic, even for two event loops (tests).
     """
 
     def __init__(self) -> None:
@@ -37,7 +37,7 @@ class RequestThreads:
 
     def take(self) -> ThreadPoolExecutor:
         try:
-            return self.idle.pop()  # atomic: safe even if two event loops (tests) share the handler
+            return self.idle.pop()
         except IndexError:
             return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
 
