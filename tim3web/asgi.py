@@ -155,10 +155,15 @@ def skip_twisted_form_parsing() -> None:
     Request's `parsePOSTFormSubmission` argument; Daphne's factory builds its
     requests from the module's `WebRequest`, so a subclass there turns it off.
     """
+    import inspect
+
     from daphne import http_protocol
+    from twisted.web import http
 
     if getattr(http_protocol.WebRequest, "leaves_forms_to_the_app", False):
         return
+    if "parsePOSTFormSubmission" not in inspect.signature(http.Request.__init__).parameters:
+        return  # an older Twisted (daphne allows >= 22.4): it keeps parsing, requests still work
 
     class WebRequestLeavingFormsToTheApp(http_protocol.WebRequest):
         leaves_forms_to_the_app = True
