@@ -76,9 +76,6 @@ class SyncChainASGIHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
 
-    async def get_response_async(self, request: HttpRequest) -> HttpResponse:
-        return await sync_to_async(self.get_response, thread_sensitive=True)(request)
-
     def respond(self, request: HttpRequest, scope: dict) -> HttpResponse:
         """The request's sync part, in its thread: request_started, the middleware and view,
         and for a response whose body is already in memory, close() (request_finished: the
@@ -144,6 +141,7 @@ class SyncChainASGIHandler(ASGIHandler):
             if response.streaming:
                 await sync_to_async(response.close)()
         body_file.close()
+
 
 def skip_twisted_form_parsing() -> None:
     """Daphne's requests leave POST bodies to Django.
